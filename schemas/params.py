@@ -1,0 +1,198 @@
+"""The pydantic model of params.yaml: one config for every stage, in lmms-engine's vocabulary.
+
+Unknown keys are errors that name the key and the nearest valid one (lmms-engine drops them silently).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from schemas.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every params.yaml section: no unknown keys, no coercion surprises."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetEntry(Section):
+    path: str
+    data_folder: str = ""
+    data_type: Literal["json", "jsonl", "parquet"] = "jsonl"
+
+
+class ProcessorConfig(Section):
+    processor_name: str = "models/tiny-qwen2_5_vl"
+    processor_type: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"] = "qwen2_5_vl"
+
+
+class DatasetConfig(Section):
+    dataset_type: str = "vision"
+    datasets: list[DatasetEntry] = Field(default_factory=list)
+    processor_config: ProcessorConfig = Field(default_factory=ProcessorConfig)
+    shuffle: bool = True
+    seed: int = 42
+    packing: bool = True
+    packing_strategy: Literal["first_fit", "first_fit_decreasing", "best_fit_decreasing"] = "first_fit"
+    packing_length: int = Field(16384, gt=0)
+    filter_overlong: bool = True
+    # Pixel budgets; None means qwen-vl-utils' default for the family (token counts x factor^2).
+    image_min_pixels: int | None = None
+    image_max_pixels: int | None = None
+    video_backend: Literal["qwen_vl_utils"] = "qwen_vl_utils"
+    video_sampling_strategy: Literal["fps", "frame_num"] = "fps"
+    fps: float = Field(2.0, gt=0)
+    frame_num: int | None = None
+    video_min_frames: int = 4
+    video_max_frames: int = 768
+    video_min_pixels: int | None = None
+    video_max_pixels: int | None = None
+    video_total_pixels: int | None = None
+
+
+class ModelConfig(Section):
+    load_from_pretrained_path: str = "models/tiny-qwen2_5_vl"
+    attn_implementation: str = "auto"
+
+
+class FsdpConfig(Section):
+    transformer_layer_cls_to_wrap: list[str] | None = None
+    reshard_after_forward: bool = True
+
+
+class TrainerArgs(Section):
+    output_dir: str = "output"
+    run_name: str = "demo"
+    seed: int = 42
+    per_device_train_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-5, gt=0)
+    vision_tower_lr: float | None = None
+    mm_projector_lr: float | None = None
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    max_steps: int = -1
+    num_train_epochs: float = 1.0
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    warmup_steps: int = 0
+    save_steps: int = Field(100, ge=1)
+    save_total_limit: int | None = 2
+    logging_steps: int = 1
+    bf16: bool = True
+    gradient_checkpointing: bool = True
+    freeze_modules: list[str] = Field(default_factory=list)
+    use_liger_kernel: bool = False
+    use_rmpad: bool = True
+    fsdp2: bool = True
+    fsdp_config: FsdpConfig = Field(default_factory=FsdpConfig)
+    sp_ulysses_degree: int = Field(1, ge=1)
+    dataloader_num_workers: int = 1
+    report_to: list[Literal["tensorboard", "wandb", "none"]] = Field(default_factory=lambda: ["none"])
+    nproc_per_node: int | None = None
+    nnodes: int = 1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _report_to_as_list(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("report_to"), str):
+            data = {**data, "report_to": [data["report_to"]]}
+        return data
+
+
+class ValidateConfig(Section):
+    allow_remote_media: bool = False
+    max_aspect_ratio: float = 200.0
+    # Smallest image side; None means the family's resize factor (28 for Qwen2/2.5-VL, 32 for Qwen3-VL),
+    # below which transformers' smart_resize refuses the image.
+    min_image_side: int | None = None
+    media_cache: str = ".cache/qvl/media.duckdb"
+    workers: int = 0  # 0: one per core
+
+
+class DecodeConfig(Section):
+    workers: int = 0
+    shard_target_mb: int = 256
+
+
+class RegistryConfig(Section):
+    path: str = "registry/registry.duckdb"
+
+
+class OrchestrationConfig(Section):
+    gpu_deployment: str | None = None
+    dvc_remote: str | None = None
+
+
+class Params(Section):
+    dataset_config: DatasetConfig = Field(default_factory=DatasetConfig)
+    model_config_: ModelConfig = Field(default_factory=ModelConfig, alias="model_config")
+    trainer_args: TrainerArgs = Field(default_factory=TrainerArgs)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, mode="json")
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at ``loc`` (for suggesting the nearest valid key)."""
+    model: type[BaseModel] | None = Params
+    for part in loc[:-1]:
+        if model is None or isinstance(part, int):
+            continue
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return model
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = error["loc"]
+    dotted = ".".join(str(p) for p in loc)
+    if error["type"] == "extra_forbidden":
+        owner = _model_at(loc)
+        valid = [f.alias or n for n, f in owner.model_fields.items()] if owner else []
+        near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean {near[0]!r}?" if near else (f"; valid keys: {', '.join(valid)}" if valid else "")
+        return f"unknown key {dotted!r}{hint}"
+    return f"{dotted}: {error['msg']} (got {error.get('input')!r})"
+
+
+def parse_params(data: dict[str, Any], origin: str = "params") -> Params:
+    """Validate a params mapping; every problem is listed in one ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        problems = "\n  ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"{origin} is invalid:\n  {problems}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_params(data, str(path))

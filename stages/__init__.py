@@ -1,0 +1,1 @@
+"""Pipeline stages: each module does one stage's work; none imports Prefect."""

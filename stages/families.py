@@ -1,0 +1,168 @@
+"""The model-family registry: every Qwen2-VL / Qwen2.5-VL / Qwen3-VL fact lives here, keyed by processor_type.
+
+Other modules ask the registry (``family("qwen3_vl").patch_size``) instead of branching on the family name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What differs between the Qwen-VL generations, as far as this pipeline cares."""
+
+    processor_type: str
+    model_class: str  # transformers class name of the conditional-generation model
+    config_class: str
+    processor_class: str
+    decoder_layer_class: str
+    vision_block_class: str
+    patch_size: int
+    spatial_merge_size: int
+    temporal_patch_size: int
+    vision_tower_prefix: str  # parameter-name prefix of the vision tower
+    merger_prefix: str  # parameter-name prefix of the vision-to-text projector
+    language_model_prefix: str
+    has_deepstack: bool
+    # Qwen3-VL writes per-frame timestamps into the prompt and has no second_per_grid_ts.
+    video_timestamps_in_prompt: bool
+    chat_template: str  # file name under stages/templates/
+    video_processor_class: str
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    image_size: dict[str, int]  # the released processor's pixel budget (shortest_edge/longest_edge = min/max)
+    # Config values for a tiny, randomly initialised model with the real architecture (tests and the demo).
+    tiny_text_config: dict[str, Any] = field(default_factory=dict)
+    tiny_vision_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_factor(self) -> int:
+        """Side lengths are resized to multiples of this (patch x merge): 28 for Qwen2/2.5-VL, 32 for Qwen3-VL."""
+        return self.patch_size * self.spatial_merge_size
+
+    def transformers_class(self, name: str) -> type:
+        import transformers
+
+        return getattr(transformers, name)
+
+
+_FAMILIES = {
+    f.processor_type: f
+    for f in (
+        ModelFamily(
+            processor_type="qwen2_vl",
+            model_class="Qwen2VLForConditionalGeneration",
+            config_class="Qwen2VLConfig",
+            processor_class="Qwen2VLProcessor",
+            decoder_layer_class="Qwen2VLDecoderLayer",
+            vision_block_class="Qwen2VLVisionBlock",
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            vision_tower_prefix="model.visual",
+            merger_prefix="model.visual.merger",
+            language_model_prefix="model.language_model",
+            has_deepstack=False,
+            video_timestamps_in_prompt=False,
+            chat_template="qwen2_5_vl.jinja",
+            video_processor_class="Qwen2VLVideoProcessor",
+            image_mean=(0.48145466, 0.4578275, 0.40821073),
+            image_std=(0.26862954, 0.26130258, 0.27577711),
+            image_size={"shortest_edge": 3136, "longest_edge": 12845056},
+            tiny_text_config={"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                                  "mrope_section": [4, 6, 6]}},
+            tiny_vision_config={"embed_dim": 64, "num_heads": 4, "mlp_ratio": 2},
+        ),
+        ModelFamily(
+            processor_type="qwen2_5_vl",
+            model_class="Qwen2_5_VLForConditionalGeneration",
+            config_class="Qwen2_5_VLConfig",
+            processor_class="Qwen2_5_VLProcessor",
+            decoder_layer_class="Qwen2_5_VLDecoderLayer",
+            vision_block_class="Qwen2_5_VLVisionBlock",
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            vision_tower_prefix="model.visual",
+            merger_prefix="model.visual.merger",
+            language_model_prefix="model.language_model",
+            has_deepstack=False,
+            video_timestamps_in_prompt=False,
+            chat_template="qwen2_5_vl.jinja",
+            video_processor_class="Qwen2VLVideoProcessor",
+            image_mean=(0.48145466, 0.4578275, 0.40821073),
+            image_std=(0.26862954, 0.26130258, 0.27577711),
+            image_size={"shortest_edge": 3136, "longest_edge": 12845056},
+            tiny_text_config={"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                                  "mrope_section": [4, 6, 6]}},
+            tiny_vision_config={"hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
+                                "fullatt_block_indexes": [1], "window_size": 112},
+        ),
+        ModelFamily(
+            processor_type="qwen3_vl",
+            model_class="Qwen3VLForConditionalGeneration",
+            config_class="Qwen3VLConfig",
+            processor_class="Qwen3VLProcessor",
+            decoder_layer_class="Qwen3VLTextDecoderLayer",
+            vision_block_class="Qwen3VLVisionBlock",
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            vision_tower_prefix="model.visual",
+            merger_prefix="model.visual.merger",
+            language_model_prefix="model.language_model",
+            has_deepstack=True,
+            video_timestamps_in_prompt=True,
+            chat_template="qwen3_vl.jinja",
+            video_processor_class="Qwen3VLVideoProcessor",
+            image_mean=(0.5, 0.5, 0.5),
+            image_std=(0.5, 0.5, 0.5),
+            image_size={"shortest_edge": 65536, "longest_edge": 16777216},
+            tiny_text_config={"rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0,
+                                                  "mrope_section": [6, 5, 5], "mrope_interleaved": True}},
+            tiny_vision_config={"hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
+                                "deepstack_visual_indexes": [0], "num_position_embeddings": 256},
+        ),
+        ModelFamily(
+            processor_type="qwen3_vl_moe",
+            model_class="Qwen3VLMoeForConditionalGeneration",
+            config_class="Qwen3VLMoeConfig",
+            processor_class="Qwen3VLProcessor",
+            decoder_layer_class="Qwen3VLMoeTextDecoderLayer",
+            vision_block_class="Qwen3VLMoeVisionBlock",
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            vision_tower_prefix="model.visual",
+            merger_prefix="model.visual.merger",
+            language_model_prefix="model.language_model",
+            has_deepstack=True,
+            video_timestamps_in_prompt=True,
+            chat_template="qwen3_vl.jinja",
+            video_processor_class="Qwen3VLVideoProcessor",
+            image_mean=(0.5, 0.5, 0.5),
+            image_std=(0.5, 0.5, 0.5),
+            image_size={"shortest_edge": 65536, "longest_edge": 16777216},
+            tiny_text_config={"rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0,
+                                                  "mrope_section": [6, 5, 5], "mrope_interleaved": True}},
+            tiny_vision_config={"hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
+                                "deepstack_visual_indexes": [0], "num_position_embeddings": 256},
+        ),
+    )
+}
+
+FAMILY_NAMES = tuple(_FAMILIES)
+
+
+def family(processor_type: str) -> ModelFamily:
+    """The registry entry for ``processor_type``, or a ConfigError listing the known ones."""
+    try:
+        return _FAMILIES[processor_type]
+    except KeyError:
+        raise ConfigError(
+            f"unknown processor_type {processor_type!r}; known: {', '.join(FAMILY_NAMES)}"
+        ) from None
