@@ -1,0 +1,82 @@
+"""Atomic output helpers: every stage writes to a temp path beside the target, then renames it into place.
+
+A stage killed at any moment leaves either the previous complete output or nothing visible at the target;
+leftover temp paths start with a dot and are removed by the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from schemas.errors import PipelineError
+
+
+def _clean_leftovers(target: Path) -> None:
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _explain_os_errors(target: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise PipelineError(f"disk full while writing {target}; nothing was replaced") from None
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise PipelineError(f"no permission to write {target} ({exc.strerror}); nothing was replaced") from None
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a fresh temp directory; on success it replaces ``target`` (old one removed after the swap)."""
+    target = Path(target)
+    with _explain_os_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _clean_leftovers(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        os.chmod(tmp, 0o755)
+        try:
+            yield tmp
+            old = None
+            if target.exists():
+                old = target.parent / f".{target.name}.tmp-old-{os.getpid()}"
+                os.rename(target, old)
+            os.rename(tmp, target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """Yield a temp file path beside ``target``; on success it is renamed over ``target``."""
+    target = Path(target)
+    with _explain_os_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _clean_leftovers(target)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def write_json(target: str | Path, data: Any) -> None:
+    with atomic_file(target) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

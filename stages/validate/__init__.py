@@ -1,0 +1,111 @@
+"""The validate stage: load chat datasets into DuckDB, apply the SQL rules, write accepted samples and rejects.
+
+Recipe: load rows verbatim -> explode into parts (schemas/validate_normalize.sql) -> check each distinct media
+reference once (media.py) -> apply the rules (schemas/validate_rules.sql) -> write atomically. Every input row
+ends up either accepted or rejected with one reason code: input == accepted + rejected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from schemas.params import Params
+from schemas.reasons import REASON_CODES
+from stages.families import family
+from stages.io import atomic_dir, write_json
+from stages.tokenizer_build import SPECIAL_TOKENS
+from stages.validate.load import load_all
+from stages.validate.media import MediaChecker, MediaRules, ProbeCache
+
+OUT_DIR = Path("data/validated")
+MEDIA_STORE = Path("data/media")
+METRICS = Path("metrics/validate.json")
+SAMPLES_SORT = "ORDER BY source_order, row"
+
+
+@dataclass
+class ValidateResult:
+    input: int
+    accepted: int
+    rejected: int
+    duplicates: int
+    by_reason: dict[str, int]
+    seconds: float
+
+    def metrics(self) -> dict:
+        return {"input": self.input, "accepted": self.accepted, "rejected": self.rejected,
+                "duplicates": self.duplicates, "by_reason": self.by_reason}
+
+
+def _sql(name: str) -> list[str]:
+    text = files("schemas").joinpath(name).read_text(encoding="utf-8")
+    text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
+    return [s for s in (part.strip() for part in text.split(";")) if s]
+
+
+def _run_sql(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    for statement in _sql(name):
+        con.execute(statement)
+
+
+def special_token_regex() -> str:
+    return "|".join(re.escape(t) for t in SPECIAL_TOKENS)
+
+
+def validate_into(con: duckdb.DuckDBPyConnection, params: Params, root: Path) -> None:
+    """Fill ``con`` with the tables `accepted` and `rejects` (plus the intermediate ones) for ``params``."""
+    cfg = params.dataset_config
+    raw = load_all(cfg.datasets, root)
+    con.register("raw_arrow", raw)
+    con.execute("CREATE OR REPLACE TEMP TABLE raw AS SELECT * FROM raw_arrow")
+    con.unregister("raw_arrow")
+    sources = pa.table({"source": [d.path for d in cfg.datasets], "source_order": list(range(len(cfg.datasets)))})
+    con.execute("CREATE OR REPLACE TEMP TABLE source_order AS SELECT * FROM sources")
+    con.execute("CREATE OR REPLACE TEMP TABLE reasons AS SELECT unnest(?) AS code, "
+                "generate_subscripts(?, 1) AS priority", [list(REASON_CODES), list(REASON_CODES)])
+    con.execute("SET VARIABLE special_token_regex = ?", [special_token_regex()])
+    _run_sql(con, "validate_normalize.sql")
+
+    vcfg = params.validate_
+    fam = family(cfg.processor_config.processor_type)
+    rules = MediaRules(min_side=vcfg.min_image_side or fam.image_factor, max_aspect_ratio=vcfg.max_aspect_ratio,
+                       allow_remote=vcfg.allow_remote_media, project_root=root, store_dir=root / MEDIA_STORE,
+                       workers=vcfg.workers or (os.cpu_count() or 1))
+    cache = ProbeCache(root / vcfg.media_cache)
+    refs = con.execute("SELECT kind, is_frame_list, data_folder, ref FROM media_refs ORDER BY ALL").fetchall()
+    media_checks = MediaChecker(rules, cache).check_all(refs)
+    cache.save()
+    con.execute("CREATE OR REPLACE TEMP TABLE media_checks AS SELECT * FROM media_checks")
+    _run_sql(con, "validate_rules.sql")
+
+
+def run(params: Params, root: Path = Path(".")) -> ValidateResult:
+    """Run the stage and write its outputs under ``root``."""
+    start = time.perf_counter()
+    con = duckdb.connect()
+    validate_into(con, params, root)
+    n_input = con.execute("SELECT count(*) FROM raw").fetchone()[0]
+    with atomic_dir(root / OUT_DIR) as tmp:
+        con.execute(f"COPY (SELECT a.* EXCLUDE (source_order) FROM (SELECT a.*, s.source_order FROM accepted a "
+                    f"JOIN source_order s USING (source)) a {SAMPLES_SORT}) TO '{tmp / 'samples.parquet'}' "
+                    "(FORMAT parquet, COMPRESSION zstd)")
+        con.execute(f"COPY (SELECT r.* EXCLUDE (source_order) FROM (SELECT r.*, s.source_order FROM rejects r "
+                    f"JOIN source_order s USING (source)) r {SAMPLES_SORT}) TO '{tmp / 'rejects.parquet'}' "
+                    "(FORMAT parquet, COMPRESSION zstd)")
+    accepted = con.execute("SELECT count(*) FROM accepted").fetchone()[0]
+    by_reason = dict(con.execute("SELECT reason, count(*) FROM rejects GROUP BY reason ORDER BY reason").fetchall())
+    rejected = sum(by_reason.values())
+    if accepted + rejected != n_input:  # the stage's promise; a broken rule must never lose rows silently
+        raise AssertionError(f"validate lost rows: input {n_input} != accepted {accepted} + rejected {rejected}")
+    result = ValidateResult(n_input, accepted, rejected, by_reason.get("duplicate", 0), by_reason,
+                            time.perf_counter() - start)
+    write_json(root / METRICS, result.metrics())
+    return result
