@@ -1,0 +1,119 @@
+"""`qvl`: the command line. Each subcommand is a thin shell over one stage or tool; errors print one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from schemas.errors import PipelineError
+
+
+def _params_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="the pipeline config (default: params.yaml)")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from schemas.params import load_params
+    from stages.validate import run
+
+    result = run(load_params(args.params))
+    table = Table(title=f"validate: {result.input} rows in {result.seconds:.2f} s")
+    table.add_column("outcome")
+    table.add_column("rows", justify="right")
+    table.add_row("accepted", str(result.accepted))
+    for reason, n in sorted(result.by_reason.items(), key=lambda kv: -kv[1]):
+        table.add_row(f"rejected: {reason}", str(n))
+    Console(stderr=True).print(table)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from stages.demo import write_demo
+
+    print(f"demo dataset written to {write_demo(args.dir)}")
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from stages.tiny_model import make_tiny_model
+
+    print(f"tiny {args.family} model written to {make_tiny_model(args.family, args.dir)}")
+    return 0
+
+
+def cmd_import_lmms(args: argparse.Namespace) -> int:
+    from stages.import_lmms import import_lmms, write_params
+
+    report = import_lmms(args.file)
+    write_params(report, Path(args.output))
+    print(f"wrote {args.output}")
+    if report.unmapped or report.notes:
+        print(f"{len(report.unmapped)} key(s) not carried over:", file=sys.stderr)
+        print("\n".join(report.lines()), file=sys.stderr)
+    return 0
+
+
+def cmd_setup_demo(args: argparse.Namespace) -> int:
+    """Everything the default params.yaml points at: the demo data and the tiny models."""
+    from stages.demo import write_demo
+    from stages.tiny_model import make_tiny_model
+
+    if args.force or not Path("data/demo").exists():
+        write_demo("data/demo")
+    for fam in ("qwen2_5_vl", "qwen3_vl"):
+        if args.force or not Path(f"models/tiny-{fam}").exists():
+            make_tiny_model(fam, f"models/tiny-{fam}")
+    print("demo data in data/demo, tiny models in models/")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from stages.families import FAMILY_NAMES
+
+    parser = argparse.ArgumentParser(prog="qvl", description="Fine-tuning pipeline for Qwen2.5-VL and Qwen3-VL.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands: list[tuple[str, str, Callable]] = [
+        ("validate", "load the datasets into DuckDB, apply the rules, write samples and rejects", cmd_validate),
+        ("demo", "write the demo dataset (images, videos, chat rows with known bad rows) to DIR", cmd_demo),
+        ("make-tiny-model", "write a tiny random Qwen-VL model with a real offline processor to DIR",
+         cmd_make_tiny_model),
+        ("import-lmms", "convert an lmms-engine trainer YAML into params.yaml", cmd_import_lmms),
+        ("setup-demo", "create data/demo and the tiny models that the default params.yaml uses", cmd_setup_demo),
+    ]
+    for name, help_text, fn in commands:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(fn=fn)
+        if name == "validate":
+            _params_arg(p)
+        elif name == "demo":
+            p.add_argument("dir", help="output directory (replaced atomically)")
+        elif name == "make-tiny-model":
+            p.add_argument("--family", choices=FAMILY_NAMES, default="qwen2_5_vl")
+            p.add_argument("dir", help="output directory (replaced atomically)")
+        elif name == "import-lmms":
+            p.add_argument("file", help="the lmms-engine YAML")
+            p.add_argument("-o", "--output", default="params.yaml", help="where to write (default: params.yaml)")
+        elif name == "setup-demo":
+            p.add_argument("--force", action="store_true", help="rebuild even if present")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except PipelineError as exc:
+        print(f"qvl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qvl {args.command}: interrupted; outputs were not replaced", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
