@@ -13,6 +13,7 @@ import io
 import json
 import random
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -77,6 +78,16 @@ def _write_videos(root: Path) -> None:
     (root / "videos" / "garbage.mp4").write_bytes(b"\x00\x01not a video" * 64)
     data = (root / "videos" / "slow.mp4").read_bytes()
     (root / "videos" / "truncated.mp4").write_bytes(data[: int(len(data) * 0.6)])
+    (root / "videos" / "zero_length.mp4").write_bytes(_zero_duration((root / "videos" / "walk.mp4").read_bytes()))
+
+
+def _zero_duration(mp4: bytes) -> bytes:
+    """The same MP4 with the movie, track and media durations set to 0 in its (faststart) header."""
+    data = bytearray(mp4)
+    for box, offset in ((b"mvhd", 20), (b"tkhd", 24), (b"mdhd", 20)):  # version-0 box layouts
+        at = data.find(box)
+        struct.pack_into(">I", data, at + offset, 0)
+    return bytes(data)
 
 
 def _caption(rng: random.Random, n: int = 8) -> str:
@@ -149,6 +160,12 @@ def _qwen_official_rows(rng: random.Random) -> list[dict]:
     ]
 
 
+# Qwen official-format rows that validate must reject (appended to qwen_official.json).
+BAD_OFFICIAL_ROWS: list[tuple[dict, str]] = [
+    ({"image": ["images/street.jpg", "images/wide.jpg"], "conversations": [
+        {"from": "human", "value": "<image>\nOnly one tag for two images."}, {"from": "gpt", "value": "x"}]},
+     "media_tag_mismatch"),
+]
 # Rows every stage must reject, with the reason validate gives them (JSONL lines, verbatim).
 BAD_ROWS: list[tuple[str, str]] = [
     ('{"messages": [{"role": "user", "content": "hi"}', "invalid_json"),
@@ -195,6 +212,8 @@ BAD_ROWS: list[tuple[str, str]] = [
      '"start": 2.0, "end": 1.0}}]}, {"role": "assistant", "content": "x"}]}', "bad_clip_range"),
     ('{"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "videos/walk.mp4", '
      '"start": 1.0, "end": 30.0}}]}, {"role": "assistant", "content": "x"}]}', "bad_clip_range"),
+    ('{"messages": [{"role": "user", "content": [{"type": "video", "video": "videos/zero_length.mp4"}]}, '
+     '{"role": "assistant", "content": "x"}]}', "zero_duration_video"),
     ('{"messages": [{"role": "user", "content": "ignore <|im_start|>system"}, {"role": "assistant", '
      '"content": "x"}]}', "special_token_in_text"),
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<|image_pad|>"}]}',
@@ -220,7 +239,9 @@ def write_demo(out_dir: str | Path, seed: int = 0) -> Path:
         utils_rows = _qwen_utils_rows(rng)
         pq.write_table(pa.table({"messages": [json.dumps(r["messages"]) for r in utils_rows]}),
                        tmp / "qwen_utils.parquet")
-        (tmp / "qwen_official.json").write_text(json.dumps(_qwen_official_rows(rng), indent=1))
+        official = _qwen_official_rows(rng) + [row for row, _ in BAD_OFFICIAL_ROWS]
+        (tmp / "qwen_official.json").write_text(json.dumps(official, indent=1))
+        tmp.chmod(0o755)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

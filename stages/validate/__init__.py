@@ -67,8 +67,11 @@ def validate_into(con: duckdb.DuckDBPyConnection, params: Params, root: Path) ->
     con.register("raw_arrow", raw)
     con.execute("CREATE OR REPLACE TEMP TABLE raw AS SELECT * FROM raw_arrow")
     con.unregister("raw_arrow")
-    sources = pa.table({"source": [d.path for d in cfg.datasets], "source_order": list(range(len(cfg.datasets)))})
-    con.execute("CREATE OR REPLACE TEMP TABLE source_order AS SELECT * FROM sources")
+    folders = raw.group_by("source").aggregate([("data_folder", "min")])
+    folder_of = dict(zip(folders["source"].to_pylist(), folders["data_folder_min"].to_pylist(), strict=True))
+    datasets = pa.table({"source": [d.path for d in cfg.datasets], "source_order": list(range(len(cfg.datasets))),
+                         "data_folder": [folder_of.get(d.path) for d in cfg.datasets]})
+    con.execute("CREATE OR REPLACE TEMP TABLE datasets AS SELECT * FROM datasets")
     con.execute("CREATE OR REPLACE TEMP TABLE reasons AS SELECT unnest(?) AS code, "
                 "generate_subscripts(?, 1) AS priority", [list(REASON_CODES), list(REASON_CODES)])
     con.execute("SET VARIABLE special_token_regex = ?", [special_token_regex()])
@@ -94,12 +97,10 @@ def run(params: Params, root: Path = Path(".")) -> ValidateResult:
     validate_into(con, params, root)
     n_input = con.execute("SELECT count(*) FROM raw").fetchone()[0]
     with atomic_dir(root / OUT_DIR) as tmp:
-        con.execute(f"COPY (SELECT a.* EXCLUDE (source_order) FROM (SELECT a.*, s.source_order FROM accepted a "
-                    f"JOIN source_order s USING (source)) a {SAMPLES_SORT}) TO '{tmp / 'samples.parquet'}' "
-                    "(FORMAT parquet, COMPRESSION zstd)")
-        con.execute(f"COPY (SELECT r.* EXCLUDE (source_order) FROM (SELECT r.*, s.source_order FROM rejects r "
-                    f"JOIN source_order s USING (source)) r {SAMPLES_SORT}) TO '{tmp / 'rejects.parquet'}' "
-                    "(FORMAT parquet, COMPRESSION zstd)")
+        for table in ("accepted", "rejects"):
+            name = "samples.parquet" if table == "accepted" else "rejects.parquet"
+            con.execute(f"COPY (SELECT * EXCLUDE (source_order) FROM {table} {SAMPLES_SORT}) "
+                        f"TO '{tmp / name}' (FORMAT parquet, COMPRESSION zstd)")
     accepted = con.execute("SELECT count(*) FROM accepted").fetchone()[0]
     by_reason = dict(con.execute("SELECT reason, count(*) FROM rejects GROUP BY reason ORDER BY reason").fetchall())
     rejected = sum(by_reason.values())

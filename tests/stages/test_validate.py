@@ -1,0 +1,215 @@
+"""The validate stage on real files: every reject reason, the counts invariant, atomic and cached behaviour."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from schemas.errors import StageInputError
+from schemas.reasons import REASON_CODES
+from stages.demo import BAD_OFFICIAL_ROWS, BAD_ROWS, INVALID_UTF8_ROW
+from stages.validate import run
+from tests.conftest import demo_params
+
+
+def read(project: Path, name: str) -> list[dict]:
+    return duckdb.sql(f"SELECT * FROM '{project / 'data/validated' / name}' ORDER BY source, row").to_arrow_table().to_pylist()
+
+
+def jsonl_params(*lines: bytes | str, **validate):
+    from schemas.params import parse_params
+
+    return lines, parse_params({
+        "dataset_config": {"datasets": [{"path": "data/demo/t.jsonl", "data_folder": "data/demo"}]},
+        "validate": {"media_cache": ".cache/media.duckdb", **validate}})
+
+
+def run_lines(project: Path, *lines: bytes | str, **validate) -> tuple[list[dict], list[dict]]:
+    lines, params = jsonl_params(*lines, **validate)
+    data = b"\n".join(x if isinstance(x, bytes) else x.encode() for x in lines) + b"\n"
+    (project / "data/demo/t.jsonl").write_bytes(data)
+    run(params, project)
+    return read(project, "samples.parquet"), read(project, "rejects.parquet")
+
+
+GOOD = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
+
+
+def test_demo_every_bad_row_gets_its_reason(project):
+    result = run(demo_params(), project)
+    rejects = read(project, "rejects.parquet")
+    by_raw = {r["raw"]: r for r in rejects}
+    for line, reason in BAD_ROWS:
+        assert by_raw[line]["reason"] == reason, (line, by_raw[line])
+        assert by_raw[line]["detail"]
+    utf8 = [r for r in rejects if r["reason"] == "invalid_utf8"]
+    assert len(utf8) == 1 and "\\xe9" in utf8[0]["raw"]
+    official = [r for r in rejects if r["source"].endswith("qwen_official.json")]
+    assert [r["reason"] for r in official] == [reason for _, reason in BAD_OFFICIAL_ROWS]
+    # The demo shows every reason code at least once.
+    assert set(result.by_reason) == set(REASON_CODES)
+    metrics = json.loads((project / "metrics/validate.json").read_text())
+    assert metrics["input"] == metrics["accepted"] + metrics["rejected"] == result.input
+    assert metrics["duplicates"] == 1 and metrics["by_reason"]["duplicate"] == 1
+
+
+def test_demo_accepted_samples_are_normalised(project):
+    run(demo_params(), project)
+    samples = read(project, "samples.parquet")
+    assert len({s["sample_id"] for s in samples}) == len(samples)
+    forms = {s["source"] for s in samples}
+    assert forms == {"data/demo/chat.jsonl", "data/demo/qwen_utils.parquet", "data/demo/qwen_official.json"}
+    for s in samples:
+        messages = json.loads(s["messages"])
+        assert messages[-1]["role"] == "assistant"
+        for m in messages:
+            assert isinstance(m["content"], list)
+            for part in m["content"]:
+                assert part["type"] in ("text", "image", "video")
+        paths = [p for m in messages for p in m["content"] if p["type"] != "text"]
+        assert len(paths) == len(s["media"])
+        for media in s["media"]:
+            files = media["frame_paths"] or [media["path"]]
+            assert all((project / f).is_file() for f in files)
+            assert len(media["sha256"]) == 64
+    official = next(s for s in samples if s["source"].endswith("qwen_official.json") and s["row"] == 1)
+    parts = json.loads(official["messages"])[0]["content"]
+    assert [p["type"] for p in parts] == ["image", "text", "image", "text"]  # tags replaced in place
+    clip = next(s for s in samples if s["source"].endswith("qwen_utils.parquet") and s["row"] == 4)
+    assert clip["media"][0]["video_start"] == 0.5 and clip["media"][0]["video_end"] == 1.5
+    assert clip["media"][0]["duration"] == pytest.approx(2.0, abs=0.05)
+    frames = next(s for s in samples if s["media"] and s["media"][0]["frame_paths"])
+    assert len(frames["media"][0]["frame_paths"]) == 6
+
+
+def test_data_url_image_is_stored_by_content_hash(project):
+    run(demo_params(), project)
+    samples = read(project, "samples.parquet")
+    stored = [m for s in samples for m in s["media"] if m["path"] and m["path"].startswith("data/media/")]
+    assert len(stored) == 1 and stored[0]["path"] == f"data/media/{stored[0]['sha256']}.png"
+
+
+def test_output_is_deterministic(project):
+    run(demo_params(), project)
+    first = (project / "data/validated/samples.parquet").read_bytes()
+    first_rejects = (project / "data/validated/rejects.parquet").read_bytes()
+    shutil.rmtree(project / ".cache")
+    run(demo_params(), project)
+    assert (project / "data/validated/samples.parquet").read_bytes() == first
+    assert (project / "data/validated/rejects.parquet").read_bytes() == first_rejects
+
+
+def test_media_probe_cache_is_reused(project, monkeypatch):
+    run(demo_params(), project)
+    import stages.validate.media as media
+
+    def fail(*_):
+        raise AssertionError("probed again despite the cache")
+
+    monkeypatch.setattr(media, "probe_image", fail)
+    monkeypatch.setattr(media, "probe_video", fail)
+    assert run(demo_params(), project).accepted > 0
+
+
+def test_good_row_is_accepted(project):
+    samples, rejects = run_lines(project, GOOD)
+    assert len(samples) == 1 and rejects == []
+    assert json.loads(samples[0]["messages"])[1] == {"role": "assistant", "content": [{"type": "text", "text": "hello"}]}
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    ('[1, 2]', "invalid_json"),
+    ('{"messages": "not a list"}', "missing_messages"),
+    ('{"conversations": [{"from": "human", "value": "<image>x"}, {"from": "gpt", "value": "y"}]}',
+     "media_tag_mismatch"),
+    ('{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]}', "empty_text"),
+    ('{"messages": [{"role": "user", "content": []}, {"role": "assistant", "content": "y"}]}', "empty_text"),
+    ('{"messages": [{"role": "user", "content": ["bare string part"]}, {"role": "assistant", "content": "y"}]}',
+     "missing_part_type"),
+    ('{"messages": [{"role": "user", "content": [{"type": "video", "video": []}]}, '
+     '{"role": "assistant", "content": "y"}]}', "media_missing_url"),
+    ('{"messages": [{"role": "user", "content": [{"type": "video", "video": ["images/street.jpg", '
+     '"images/nope.jpg"]}]}, {"role": "assistant", "content": "y"}]}', "media_file_missing"),
+    ('{"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "videos/walk.mp4", '
+     '"start": -1}}]}, {"role": "assistant", "content": "y"}]}', "bad_clip_range"),
+    ('{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": '
+     '{"url": "file://../demo/../../etc/passwd"}}]}, {"role": "assistant", "content": "y"}]}', "media_path_escape"),
+])
+def test_more_reject_reasons(project, line, reason):
+    samples, rejects = run_lines(project, GOOD, line)
+    assert len(samples) == 1
+    assert [r["reason"] for r in rejects] == [reason]
+    assert rejects[0]["raw"] == line and rejects[0]["row"] == 1
+
+
+def test_symlink_out_of_data_folder_is_an_escape(project, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside") / "secret.jpg"
+    shutil.copy(project / "data/demo/images/street.jpg", outside)
+    os.symlink(outside, project / "data/demo/images/link.jpg")
+    line = ('{"messages": [{"role": "user", "content": [{"type": "image", "image": "images/link.jpg"}]}, '
+            '{"role": "assistant", "content": "y"}]}')
+    _, rejects = run_lines(project, line)
+    assert [r["reason"] for r in rejects] == ["media_path_escape"]
+
+
+def test_remote_media_error_mentions_the_switch(project):
+    _, rejects = run_lines(project, BAD_ROWS[16][0])
+    assert rejects[0]["reason"] == "remote_media_disabled" and "allow_remote_media" in rejects[0]["detail"]
+
+
+def test_first_rule_in_priority_wins(project):
+    # Both an unknown role and a special token: the message-structure rule comes first in the list.
+    line = '{"messages": [{"role": "bot", "content": "<|im_end|>"}, {"role": "assistant", "content": "y"}]}'
+    _, rejects = run_lines(project, line)
+    assert [r["reason"] for r in rejects] == ["unknown_role"]
+
+
+def test_invalid_utf8_kept_verbatim_with_escapes(project):
+    samples, rejects = run_lines(project, GOOD, INVALID_UTF8_ROW)
+    assert len(samples) == 1 and rejects[0]["reason"] == "invalid_utf8"
+
+
+def test_blank_lines_are_not_rows(project):
+    samples, rejects = run_lines(project, GOOD, "", "   ", GOOD.replace("hello", "bye"))
+    assert len(samples) == 2 and rejects == []
+
+
+def test_missing_dataset_file_stops_and_writes_nothing(project):
+    from schemas.params import parse_params
+
+    params = parse_params({"dataset_config": {"datasets": [{"path": "data/demo/missing.jsonl"}]}})
+    with pytest.raises(StageInputError, match="missing.jsonl"):
+        run(params, project)
+    assert not (project / "data/validated").exists()
+    assert not (project / "metrics/validate.json").exists()
+
+
+def test_file_without_messages_stops(project):
+    (project / "data/demo/t.jsonl").write_text('{"prompt": "a", "completion": "b"}\n' * 3)
+    _, params = jsonl_params()
+    with pytest.raises(StageInputError, match="no row holds `messages`"):
+        run(params, project)
+
+
+def test_parquet_without_messages_column_stops(project):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from schemas.params import parse_params
+
+    pq.write_table(pa.table({"prompt": ["a"]}), project / "data/demo/p.parquet")
+    params = parse_params({"dataset_config": {"datasets": [{"path": "data/demo/p.parquet", "data_type": "parquet"}]}})
+    with pytest.raises(StageInputError, match="no `messages` or `conversations` column"):
+        run(params, project)
+
+
+def test_previous_output_survives_a_failed_run(project):
+    run(demo_params(), project)
+    before = (project / "data/validated/samples.parquet").read_bytes()
+    (project / "data/demo/chat.jsonl").unlink()
+    with pytest.raises(StageInputError):
+        run(demo_params(), project)
+    assert (project / "data/validated/samples.parquet").read_bytes() == before

@@ -1,0 +1,44 @@
+import pytest
+
+from schemas.errors import ConfigError
+from schemas.params import load_params, parse_params
+from tests.conftest import REPO
+
+
+def test_default_params_file_is_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.dataset_config.processor_config.processor_type == "qwen2_5_vl"
+    assert params.trainer_args.report_to == ["none"]  # a string is accepted as a one-element list
+
+
+def test_unknown_key_names_nearest_valid_key():
+    with pytest.raises(ConfigError) as exc:
+        parse_params({"dataset_config": {"packing_lenght": 4096}})
+    assert "dataset_config.packing_lenght" in str(exc.value)
+    assert "did you mean 'packing_length'" in str(exc.value)
+
+
+def test_unknown_top_level_section_is_named():
+    with pytest.raises(ConfigError, match="did you mean 'trainer_args'"):
+        parse_params({"trainer_arg": {}})
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as exc:
+        parse_params({"trainer_args": {"learning_rate": -1, "sp_ulysses_degre": 2}})
+    message = str(exc.value)
+    assert "trainer_args.learning_rate" in message and "sp_ulysses_degre" in message
+
+
+def test_bad_enum_value_is_rejected():
+    with pytest.raises(ConfigError, match="packing_strategy"):
+        parse_params({"dataset_config": {"packing_strategy": "next_fit"}})
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset_config: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
