@@ -29,7 +29,24 @@ def make_dataset(root: Path, rows: int, images: int, seed: int = 0) -> None:
     for i in range(images):
         w, h = rng.choice([(640, 480), (320, 240), (800, 600), (256, 512)])
         Image.new("RGB", (w, h), (i % 256, (i * 7) % 256, (i * 13) % 256)).save(root / "images" / f"{i}.jpg")
-    words = "the a red blue cat dog runs sits on under table chair sky bright photo shows".split()
+    words = [
+        "the",
+        "a",
+        "red",
+        "blue",
+        "cat",
+        "dog",
+        "runs",
+        "sits",
+        "on",
+        "under",
+        "table",
+        "chair",
+        "sky",
+        "bright",
+        "photo",
+        "shows",
+    ]
     with open(root / "rows.jsonl", "w") as f:
         for i in range(rows):
             q = " ".join(rng.choices(words, k=8)) + f" #{i}"
@@ -39,10 +56,13 @@ def make_dataset(root: Path, rows: int, images: int, seed: int = 0) -> None:
                 user: object = q
             else:
                 n = 1 if kind < 0.8 else 2
-                user = [{"type": "image_url", "image_url": {"url": f"images/{rng.randrange(images)}.jpg"}}
-                        for _ in range(n)] + [{"type": "text", "text": q}]
-            f.write(json.dumps({"messages": [{"role": "user", "content": user},
-                                             {"role": "assistant", "content": a}]}) + "\n")
+                user = [
+                    {"type": "image_url", "image_url": {"url": f"images/{rng.randrange(images)}.jpg"}} for _ in range(n)
+                ] + [{"type": "text", "text": q}]
+            f.write(
+                json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": a}]})
+                + "\n"
+            )
 
 
 def main() -> None:
@@ -55,14 +75,19 @@ def main() -> None:
         t = time.perf_counter()
         make_dataset(root / "data", args.rows, args.images)
         print(f"generated {args.rows:,} rows over {args.images} images in {time.perf_counter() - t:.1f} s")
-        params = parse_params({
-            "dataset_config": {"datasets": [{"path": "data/rows.jsonl", "data_folder": "data"}]},
-            "validate": {"media_cache": ".cache/media.duckdb"}})
+        params = parse_params(
+            {
+                "dataset_config": {"datasets": [{"path": "data/rows.jsonl", "data_folder": "data"}]},
+                "validate": {"media_cache": ".cache/media.duckdb"},
+            }
+        )
         for label in ("cold media cache", "warm media cache"):
             result = run(params, root)
-            print(f"validate ({label}): {result.input:,} rows in {result.seconds:.2f} s = "
-                  f"{result.input / result.seconds:,.0f} rows/s (accepted {result.accepted:,}, "
-                  f"rejected {result.rejected:,})")
+            print(
+                f"validate ({label}): {result.input:,} rows in {result.seconds:.2f} s = "
+                f"{result.input / result.seconds:,.0f} rows/s (accepted {result.accepted:,}, "
+                f"rejected {result.rejected:,})"
+            )
 
 
 if __name__ == "__main__":

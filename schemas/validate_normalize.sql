@@ -6,7 +6,7 @@
 -- Each JSON document is parsed once (json_transform into typed structs); later steps read struct fields.
 
 CREATE OR REPLACE TEMP TABLE parsed AS
-SELECT source, row, line, load_reason, is_object,
+SELECT source, row, load_reason, is_object,
        CASE WHEN is_object THEN json_transform(line,
            '{"messages": [{"role": "VARCHAR", "content": "JSON"}],
              "conversations": [{"from": "VARCHAR", "value": "JSON", "role": "VARCHAR"}],

@@ -33,7 +33,7 @@ FROM parsed WHERE load_reason IS NOT NULL
 UNION ALL
 SELECT source, row, 'invalid_json',
        CASE WHEN json_valid(line) THEN 'row is JSON but not an object' ELSE 'row is not valid JSON' END, -1, -1
-FROM parsed WHERE load_reason IS NULL AND NOT is_object
+FROM parsed JOIN raw USING (source, row) WHERE parsed.load_reason IS NULL AND NOT is_object
 UNION ALL
 SELECT source, row, 'missing_messages',
        CASE WHEN json_type(line, '$.messages') IS NOT NULL
@@ -42,7 +42,7 @@ SELECT source, row, 'missing_messages',
             THEN 'conversations is ' || json_type(line, '$.conversations') || ', not a list of turns'
             ELSE 'no messages or conversations key (keys: ' || array_to_string(json_keys(line), ', ') || ')' END,
        -1, -1
-FROM parsed WHERE is_object AND s.messages IS NULL AND s.conversations IS NULL
+FROM parsed JOIN raw USING (source, row) WHERE is_object AND s.messages IS NULL AND s.conversations IS NULL
 UNION ALL
 SELECT source, row, 'empty_messages', 'the message list is empty', -1, -1
 FROM parsed WHERE len(coalesce(s.messages, s.conversations)) = 0
@@ -112,8 +112,9 @@ FROM violations v JOIN reasons r ON r.code = v.reason
 GROUP BY v.source, v.row;
 
 -- Accepted candidates in the normal form (qwen-vl-utils parts, resolved media paths). The messages JSON is
--- assembled as one ordered string per row (measured 2x faster than nested list()/json_object aggregation);
--- every value in it goes through to_json, so it is valid JSON by construction.
+-- assembled as one string per row; every value in it goes through to_json, so it is valid JSON by construction.
+-- Order inside a row comes from list_sort on (message, part) keys: measured 2x faster than ORDER BY aggregates
+-- and 4x faster than nested list()/json_object aggregation.
 CREATE OR REPLACE TEMP TABLE candidates AS
 WITH good_parts AS (
     SELECT p.*,
@@ -124,35 +125,44 @@ WITH good_parts AS (
                 THEN '{"type":"video","video":' || to_json(p.path) || '}'
                 ELSE '{"type":"video","video":' || to_json(p.path) || ',"video_start":' || to_json(p.video_start)
                      || ',"video_end":' || to_json(p.video_end) || '}' END AS part_json,
-           CASE WHEN p.kind IS NULL THEN 't' || p.text ELSE 'm' || p.sha256 || '@' || coalesce(p.video_start, -1)
-                || '-' || coalesce(p.video_end, -1) END AS key_part,
            CASE WHEN p.part_idx = 0 THEN CASE WHEN p.msg_idx > 0 THEN ']},' ELSE '' END
                 || '{"role":' || to_json(p.role) || ',"content":[' ELSE ',' END AS sep
     FROM part_media p ANTI JOIN first_violation USING (source, row)
 )
 SELECT source, row,
-       '[' || string_agg(sep || part_json, '' ORDER BY msg_idx, part_idx) || ']}]' AS messages,
-       substr(sha256(string_agg(role || chr(31) || key_part, chr(30) ORDER BY msg_idx, part_idx)), 1, 16)
-           AS sample_id,
-       coalesce(list(struct_pack(kind, path, frame_paths, sha256, width, height, duration, fps, nframes,
-                                 video_start, video_end) ORDER BY msg_idx, part_idx) FILTER (WHERE kind IS NOT NULL),
+       '[' || array_to_string(list_transform(list_sort(list(struct_pack(k := msg_idx * 100000 + part_idx,
+                                                                        s := sep || part_json))),
+                                             lambda x: x.s), '') || ']}]' AS messages,
+       coalesce(list_sort(list(struct_pack(msg_idx, part_idx, kind, path, frame_paths, sha256, width, height, duration,
+                                           fps, nframes, video_start, video_end)) FILTER (WHERE kind IS NOT NULL)),
                 []) AS media
 FROM good_parts GROUP BY source, row;
 
--- Exact duplicates: the first occurrence (dataset order, then row) is kept.
-CREATE OR REPLACE TEMP TABLE ranked AS
-SELECT c.*, d.source_order,
-       row_number() OVER (PARTITION BY sample_id ORDER BY d.source_order, c.row) AS occurrence,
-       first_value(c.source || ':' || c.row) OVER (PARTITION BY sample_id ORDER BY d.source_order, c.row)
-           AS first_seen
+-- The sample id hashes the normal form and its media content; exact duplicates keep their first occurrence
+-- (dataset order, then row). Only ids seen more than once are ranked.
+CREATE OR REPLACE TEMP TABLE identified AS
+SELECT c.source, c.row, c.messages, c.media, d.source_order,
+       substr(sha256(c.messages || chr(30) || array_to_string(list_transform(c.media, lambda m: m.sha256), ',')), 1, 16)
+           AS sample_id
 FROM candidates c JOIN datasets d USING (source);
 
+CREATE OR REPLACE TEMP TABLE duplicates AS
+WITH repeated AS (SELECT sample_id FROM identified GROUP BY sample_id HAVING count(*) > 1),
+ranked AS (
+    SELECT i.source, i.row, i.source_order,
+           row_number() OVER (PARTITION BY sample_id ORDER BY i.source_order, i.row) AS occurrence,
+           first_value(i.source || ':' || i.row) OVER (PARTITION BY sample_id ORDER BY i.source_order, i.row)
+               AS first_seen
+    FROM identified i SEMI JOIN repeated USING (sample_id)
+)
+SELECT source, row, source_order, first_seen FROM ranked WHERE occurrence > 1;
+
 CREATE OR REPLACE TEMP TABLE accepted AS
-SELECT sample_id, source, row, messages, media, source_order FROM ranked WHERE occurrence = 1;
+SELECT sample_id, source, row, messages, media, source_order FROM identified ANTI JOIN duplicates USING (source, row);
 
 CREATE OR REPLACE TEMP TABLE rejects AS
 SELECT p.source, p.row, f.reason, f.detail, p.line AS raw, d.source_order
-FROM first_violation f JOIN parsed p USING (source, row) JOIN datasets d USING (source)
+FROM first_violation f JOIN raw p USING (source, row) JOIN datasets d USING (source)
 UNION ALL
-SELECT r.source, r.row, 'duplicate', 'same sample as ' || r.first_seen, p.line, r.source_order
-FROM ranked r JOIN parsed p USING (source, row) WHERE r.occurrence > 1;
+SELECT u.source, u.row, 'duplicate', 'same sample as ' || u.first_seen, p.line, u.source_order
+FROM duplicates u JOIN raw p USING (source, row);

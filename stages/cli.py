@@ -80,8 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands: list[tuple[str, str, Callable]] = [
         ("validate", "load the datasets into DuckDB, apply the rules, write samples and rejects", cmd_validate),
         ("demo", "write the demo dataset (images, videos, chat rows with known bad rows) to DIR", cmd_demo),
-        ("make-tiny-model", "write a tiny random Qwen-VL model with a real offline processor to DIR",
-         cmd_make_tiny_model),
+        (
+            "make-tiny-model",
+            "write a tiny random Qwen-VL model with a real offline processor to DIR",
+            cmd_make_tiny_model,
+        ),
         ("import-lmms", "convert an lmms-engine trainer YAML into params.yaml", cmd_import_lmms),
         ("setup-demo", "create data/demo and the tiny models that the default params.yaml uses", cmd_setup_demo),
     ]

@@ -73,8 +73,9 @@ _FAMILIES = {
             image_mean=(0.48145466, 0.4578275, 0.40821073),
             image_std=(0.26862954, 0.26130258, 0.27577711),
             image_size={"shortest_edge": 3136, "longest_edge": 12845056},
-            tiny_text_config={"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
-                                                  "mrope_section": [4, 6, 6]}},
+            tiny_text_config={
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]}
+            },
             tiny_vision_config={"embed_dim": 64, "num_heads": 4, "mlp_ratio": 2},
         ),
         ModelFamily(
@@ -97,10 +98,16 @@ _FAMILIES = {
             image_mean=(0.48145466, 0.4578275, 0.40821073),
             image_std=(0.26862954, 0.26130258, 0.27577711),
             image_size={"shortest_edge": 3136, "longest_edge": 12845056},
-            tiny_text_config={"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
-                                                  "mrope_section": [4, 6, 6]}},
-            tiny_vision_config={"hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
-                                "fullatt_block_indexes": [1], "window_size": 112},
+            tiny_text_config={
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]}
+            },
+            tiny_vision_config={
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_heads": 4,
+                "fullatt_block_indexes": [1],
+                "window_size": 112,
+            },
         ),
         ModelFamily(
             processor_type="qwen3_vl",
@@ -122,10 +129,21 @@ _FAMILIES = {
             image_mean=(0.5, 0.5, 0.5),
             image_std=(0.5, 0.5, 0.5),
             image_size={"shortest_edge": 65536, "longest_edge": 16777216},
-            tiny_text_config={"rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0,
-                                                  "mrope_section": [6, 5, 5], "mrope_interleaved": True}},
-            tiny_vision_config={"hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
-                                "deepstack_visual_indexes": [0], "num_position_embeddings": 256},
+            tiny_text_config={
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 5000000.0,
+                    "mrope_section": [6, 5, 5],
+                    "mrope_interleaved": True,
+                }
+            },
+            tiny_vision_config={
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_heads": 4,
+                "deepstack_visual_indexes": [0],
+                "num_position_embeddings": 256,
+            },
         ),
         ModelFamily(
             processor_type="qwen3_vl_moe",
@@ -147,10 +165,21 @@ _FAMILIES = {
             image_mean=(0.5, 0.5, 0.5),
             image_std=(0.5, 0.5, 0.5),
             image_size={"shortest_edge": 65536, "longest_edge": 16777216},
-            tiny_text_config={"rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0,
-                                                  "mrope_section": [6, 5, 5], "mrope_interleaved": True}},
-            tiny_vision_config={"hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
-                                "deepstack_visual_indexes": [0], "num_position_embeddings": 256},
+            tiny_text_config={
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 5000000.0,
+                    "mrope_section": [6, 5, 5],
+                    "mrope_interleaved": True,
+                }
+            },
+            tiny_vision_config={
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_heads": 4,
+                "deepstack_visual_indexes": [0],
+                "num_position_embeddings": 256,
+            },
         ),
     )
 }
@@ -163,6 +192,4 @@ def family(processor_type: str) -> ModelFamily:
     try:
         return _FAMILIES[processor_type]
     except KeyError:
-        raise ConfigError(
-            f"unknown processor_type {processor_type!r}; known: {', '.join(FAMILY_NAMES)}"
-        ) from None
+        raise ConfigError(f"unknown processor_type {processor_type!r}; known: {', '.join(FAMILY_NAMES)}") from None

@@ -18,8 +18,10 @@ from schemas.errors import ConfigError
 from schemas.params import DatasetConfig, ModelConfig, Params, TrainerArgs
 
 # lmms-engine keys with a different name here.
-RENAMED = {"dataset_config.data_seed": "dataset_config.seed", "model_config.model_name_or_path":
-           "model_config.load_from_pretrained_path"}
+RENAMED = {
+    "dataset_config.data_seed": "dataset_config.seed",
+    "model_config.model_name_or_path": "model_config.load_from_pretrained_path",
+}
 # Keys whose meaning is covered another way here, with the reason given to the user.
 EXPLAINED = {
     "trainer_type": "training always runs through this pipeline's FSDP2 trainer (trainer_args.fsdp2)",
@@ -70,11 +72,17 @@ def _trainer_config(doc: Any, source: str) -> dict[str, Any]:
 def _split_sections(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """dataset_config / model_config / trainer_args, whichever layout the file uses."""
     trainer = dict(cfg.get("trainer_args") or {})
-    extras = {k: v for k, v in cfg.items()
-              if k not in ("dataset_config", "model_config", "trainer_args", "trainer_type", "extra_kwargs")}
+    extras = {
+        k: v
+        for k, v in cfg.items()
+        if k not in ("dataset_config", "model_config", "trainer_args", "trainer_type", "extra_kwargs")
+    }
     trainer.update(extras)  # list form: the training arguments sit next to the sections
-    return {"dataset_config": dict(cfg.get("dataset_config") or {}),
-            "model_config": dict(cfg.get("model_config") or {}), "trainer_args": trainer}
+    return {
+        "dataset_config": dict(cfg.get("dataset_config") or {}),
+        "model_config": dict(cfg.get("model_config") or {}),
+        "trainer_args": trainer,
+    }
 
 
 def _map_dataset(src: dict[str, Any], report: ImportReport) -> dict[str, Any]:
@@ -106,8 +114,9 @@ def _map_dataset(src: dict[str, Any], report: ImportReport) -> dict[str, Any]:
     return out
 
 
-def _map_flat(section: str, src: dict[str, Any], fields: set[str], report: ImportReport,
-              default_reason: str) -> dict[str, Any]:
+def _map_flat(
+    section: str, src: dict[str, Any], fields: set[str], report: ImportReport, default_reason: str
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in src.items():
         dotted = f"{section}.{key}"
@@ -164,16 +173,34 @@ def _infer_family(params: dict[str, Any], report: ImportReport) -> None:
     proc = params["dataset_config"].setdefault("processor_config", {})
     if proc.get("processor_type") in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         return
-    hints = " ".join([str(proc.get("processor_name", "")),
-                      str(params["model_config"].get("load_from_pretrained_path", "")),
-                      *map(str, params["trainer_args"].get("fsdp_config", {}).get("transformer_layer_cls_to_wrap") or [])])
+    hints = " ".join(
+        [
+            str(proc.get("processor_name", "")),
+            str(params["model_config"].get("load_from_pretrained_path", "")),
+            *map(str, params["trainer_args"].get("fsdp_config", {}).get("transformer_layer_cls_to_wrap") or []),
+        ]
+    )
     hints = hints.lower().replace(".", "_").replace("-", "_")
-    guess = next((f for key, f in (("qwen3vlmoe", "qwen3_vl_moe"), ("qwen3_vl_moe", "qwen3_vl_moe"),
-                                   ("qwen3vl", "qwen3_vl"), ("qwen3_vl", "qwen3_vl"), ("qwen2_5", "qwen2_5_vl"),
-                                   ("qwen2vl", "qwen2_vl"), ("qwen2_vl", "qwen2_vl")) if key in hints), None)
+    guess = next(
+        (
+            f
+            for key, f in (
+                ("qwen3vlmoe", "qwen3_vl_moe"),
+                ("qwen3_vl_moe", "qwen3_vl_moe"),
+                ("qwen3vl", "qwen3_vl"),
+                ("qwen3_vl", "qwen3_vl"),
+                ("qwen2_5", "qwen2_5_vl"),
+                ("qwen2vl", "qwen2_vl"),
+                ("qwen2_vl", "qwen2_vl"),
+            )
+            if key in hints
+        ),
+        None,
+    )
     if guess:
         report.unmapped["dataset_config.processor_config.processor_type"] = (
-            f"{proc.get('processor_type')!r} is not a Qwen-VL family; inferred {guess!r} from the model names")
+            f"{proc.get('processor_type')!r} is not a Qwen-VL family; inferred {guess!r} from the model names"
+        )
         proc["processor_type"] = guess
 
 
@@ -196,19 +223,27 @@ def import_lmms(path: str | Path) -> ImportReport:
     sections = _split_sections(cfg)
     params = {
         "dataset_config": _map_dataset(sections["dataset_config"], report),
-        "model_config": _map_flat("model_config", sections["model_config"], set(ModelConfig.model_fields), report,
-                                  "no such model option here"),
+        "model_config": _map_flat(
+            "model_config", sections["model_config"], set(ModelConfig.model_fields), report, "no such model option here"
+        ),
         "trainer_args": _map_trainer(sections["trainer_args"], report),
     }
     _infer_family(params, report)
     for section in ("dataset_config", "model_config"):
         for key in ("processor_name", "load_from_pretrained_path"):
-            value = (params[section].get("processor_config", {}) if key == "processor_name" else params[section])
+            value = params[section].get("processor_config", {}) if key == "processor_name" else params[section]
             name = value.get(key) if isinstance(value, dict) else None
-            if section == ("dataset_config" if key == "processor_name" else "model_config") and name \
-                    and not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/")):
-                report.notes.append(f"{key} {name!r} looks like a hub id: nothing is downloaded here, "
-                                    "point it at a local copy of the model")
+            if (
+                section == ("dataset_config" if key == "processor_name" else "model_config")
+                and name
+                and not Path(name).exists()
+                and name.count("/") == 1
+                and not name.startswith((".", "/"))
+            ):
+                report.notes.append(
+                    f"{key} {name!r} looks like a hub id: nothing is downloaded here, "
+                    "point it at a local copy of the model"
+                )
     report.params = _drop_invalid(params, report).to_yaml_dict()
     return report
 

@@ -17,9 +17,16 @@ from stages.tokenizer_build import EXTRA_TOKENS_QWEN2, EXTRA_TOKENS_QWEN3, SPECI
 TEMPLATES = Path(__file__).parent / "templates"
 VOCAB_SIZE = 151936  # the released embedding size (rounded up past the last added token)
 TINY_TEXT = {
-    "vocab_size": VOCAB_SIZE, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
 }
 
 
@@ -30,8 +37,10 @@ def chat_template(fam: ModelFamily) -> str:
 def _token_ids() -> dict[str, int]:
     ids = {t: 151643 + i for i, t in enumerate(SPECIAL_TOKENS)}
     return {
-        "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
-        "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
     }
 
 
@@ -40,8 +49,11 @@ def build_config(fam: ModelFamily):
     config_cls = fam.transformers_class(fam.config_class)
     text = {**TINY_TEXT, **fam.tiny_text_config, "bos_token_id": 151643, "eos_token_id": 151645}
     vision = {
-        "depth": 2, "patch_size": fam.patch_size, "spatial_merge_size": fam.spatial_merge_size,
-        "temporal_patch_size": fam.temporal_patch_size, "out_hidden_size": TINY_TEXT["hidden_size"],
+        "depth": 2,
+        "patch_size": fam.patch_size,
+        "spatial_merge_size": fam.spatial_merge_size,
+        "temporal_patch_size": fam.temporal_patch_size,
+        "out_hidden_size": TINY_TEXT["hidden_size"],
         **fam.tiny_vision_config,
     }
     return config_cls(text_config=text, vision_config=vision, tie_word_embeddings=True, **_token_ids())
@@ -54,14 +66,19 @@ def build_processor(fam: ModelFamily):
     extra = EXTRA_TOKENS_QWEN3 if fam.has_deepstack else EXTRA_TOKENS_QWEN2
     template = chat_template(fam)
     tokenizer = build_hf_tokenizer(extra, template)
-    common = {"patch_size": fam.patch_size, "merge_size": fam.spatial_merge_size,
-              "temporal_patch_size": fam.temporal_patch_size, "image_mean": list(fam.image_mean),
-              "image_std": list(fam.image_std)}
+    common = {
+        "patch_size": fam.patch_size,
+        "merge_size": fam.spatial_merge_size,
+        "temporal_patch_size": fam.temporal_patch_size,
+        "image_mean": list(fam.image_mean),
+        "image_std": list(fam.image_std),
+    }
     image_processor = transformers.Qwen2VLImageProcessor(size=dict(fam.image_size), **common)
     video_processor = getattr(transformers, fam.video_processor_class)(**common)
     processor_cls = fam.transformers_class(fam.processor_class)
-    return processor_cls(image_processor=image_processor, video_processor=video_processor,
-                         tokenizer=tokenizer, chat_template=template)
+    return processor_cls(
+        image_processor=image_processor, video_processor=video_processor, tokenizer=tokenizer, chat_template=template
+    )
 
 
 def make_tiny_model(processor_type: str, out_dir: str | Path, seed: int = 0) -> Path:

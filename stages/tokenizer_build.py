@@ -11,16 +11,38 @@ from pathlib import Path
 
 # In the released order; ids 151643.. follow the last BPE rank.
 SPECIAL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 )
 # Added (non-special) tokens of the released tokenizers, after the special ones.
 EXTRA_TOKENS_QWEN2: tuple[str, ...] = (
-    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
 )
-EXTRA_TOKENS_QWEN3: tuple[str, ...] = EXTRA_TOKENS_QWEN2 + ("<tool_response>", "</tool_response>", "<think>", "</think>")
+EXTRA_TOKENS_QWEN3: tuple[str, ...] = EXTRA_TOKENS_QWEN2 + (
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+)
 FIRST_SPECIAL_ID = 151643
 
 
@@ -40,8 +62,15 @@ def build_tokenizer(extra_tokens: tuple[str, ...]):
     tok.normalizer = normalizers.NFC()
     spec = json.loads(tok.to_str())
     spec["added_tokens"] = [
-        {"id": FIRST_SPECIAL_ID + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": t in SPECIAL_TOKENS}
+        {
+            "id": FIRST_SPECIAL_ID + i,
+            "content": t,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": t in SPECIAL_TOKENS,
+        }
         for i, t in enumerate(SPECIAL_TOKENS + extra_tokens)
     ]
     tok = Tokenizer.from_str(json.dumps(spec))
@@ -66,7 +95,9 @@ def build_hf_tokenizer(extra_tokens: tuple[str, ...], chat_template: str):
         model_max_length=131072,
         chat_template=chat_template,
         extra_special_tokens={
-            "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-            "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_start_token": "<|vision_start|>",
+            "vision_end_token": "<|vision_end|>",
         },
     )

@@ -46,5 +46,9 @@ def demo_params(**dataset_overrides):
         {"path": "data/demo/qwen_utils.parquet", "data_folder": "data/demo", "data_type": "parquet"},
         {"path": "data/demo/qwen_official.json", "data_folder": "data/demo", "data_type": "json"},
     ]
-    return parse_params({"dataset_config": {"datasets": datasets, **dataset_overrides},
-                         "validate": {"media_cache": ".cache/media.duckdb"}})
+    return parse_params(
+        {
+            "dataset_config": {"datasets": datasets, **dataset_overrides},
+            "validate": {"media_cache": ".cache/media.duckdb"},
+        }
+    )

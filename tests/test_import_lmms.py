@@ -19,7 +19,8 @@ def test_qwen2_5_vl_list_form_converts():
     assert p["dataset_config"]["packing_length"] == 16384
     assert p["dataset_config"]["video_max_pixels"] == 50176
     assert p["dataset_config"]["datasets"] == [
-        {"path": "path/to/your/dataset.parquet", "data_folder": "", "data_type": "parquet"}]
+        {"path": "path/to/your/dataset.parquet", "data_folder": "", "data_type": "parquet"}
+    ]
     assert p["trainer_args"]["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["Qwen2_5_VLDecoderLayer"]
     assert p["trainer_args"]["learning_rate"] == pytest.approx(1e-6)
     assert "dataset_config.dataset_format" in report.unmapped
@@ -39,12 +40,21 @@ def test_qwen3_vl_dumped_form_converts_and_reports():
 
 
 def test_unsupported_values_are_dropped_with_reason(tmp_path):
-    cfg = [{"type": "trainer", "config": {
-        "trainer_type": "fsdp2_trainer",
-        "dataset_config": {"datasets": [{"path": "a", "data_type": "arrow"}, {"path": "b.jsonl", "data_type": "jsonl"}],
-                           "packing_strategy": "balanced"},
-        "model_config": {"load_from_pretrained_path": "/models/x"},
-        "lr_scheduler_type": "cosine_with_restarts", "learning_rate": 2e-5}}]
+    cfg = [
+        {
+            "type": "trainer",
+            "config": {
+                "trainer_type": "fsdp2_trainer",
+                "dataset_config": {
+                    "datasets": [{"path": "a", "data_type": "arrow"}, {"path": "b.jsonl", "data_type": "jsonl"}],
+                    "packing_strategy": "balanced",
+                },
+                "model_config": {"load_from_pretrained_path": "/models/x"},
+                "lr_scheduler_type": "cosine_with_restarts",
+                "learning_rate": 2e-5,
+            },
+        }
+    ]
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     report = import_lmms(path)
@@ -64,9 +74,20 @@ def test_not_a_trainer_config(tmp_path):
 
 def test_cli_writes_a_params_file_that_loads(tmp_path):
     out = tmp_path / "params.yaml"
-    proc = subprocess.run([sys.executable, "-m", "stages.cli", "import-lmms",
-                           str(FIXTURES / "qwen3_vl_example_config.yaml"), "-o", str(out)],
-                          capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.cli",
+            "import-lmms",
+            str(FIXTURES / "qwen3_vl_example_config.yaml"),
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "not carried over" in proc.stderr
     assert load_params(out).dataset_config.processor_config.processor_type == "qwen3_vl"

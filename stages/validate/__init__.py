@@ -22,7 +22,7 @@ from schemas.reasons import REASON_CODES
 from stages.families import family
 from stages.io import atomic_dir, write_json
 from stages.tokenizer_build import SPECIAL_TOKENS
-from stages.validate.load import load_all
+from stages.validate.load import data_folder, load_all
 from stages.validate.media import MediaChecker, MediaRules, ProbeCache
 
 OUT_DIR = Path("data/validated")
@@ -41,8 +41,13 @@ class ValidateResult:
     seconds: float
 
     def metrics(self) -> dict:
-        return {"input": self.input, "accepted": self.accepted, "rejected": self.rejected,
-                "duplicates": self.duplicates, "by_reason": self.by_reason}
+        return {
+            "input": self.input,
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "duplicates": self.duplicates,
+            "by_reason": self.by_reason,
+        }
 
 
 def _sql(name: str) -> list[str]:
@@ -64,29 +69,36 @@ def validate_into(con: duckdb.DuckDBPyConnection, params: Params, root: Path) ->
     """Fill ``con`` with the tables `accepted` and `rejects` (plus the intermediate ones) for ``params``."""
     cfg = params.dataset_config
     raw = load_all(cfg.datasets, root)
-    con.register("raw_arrow", raw)
-    con.execute("CREATE OR REPLACE TEMP TABLE raw AS SELECT * FROM raw_arrow")
-    con.unregister("raw_arrow")
-    folders = raw.group_by("source").aggregate([("data_folder", "min")])
-    folder_of = dict(zip(folders["source"].to_pylist(), folders["data_folder_min"].to_pylist(), strict=True))
-    datasets = pa.table({"source": [d.path for d in cfg.datasets], "source_order": list(range(len(cfg.datasets))),
-                         "data_folder": [folder_of.get(d.path) for d in cfg.datasets]})
-    con.execute("CREATE OR REPLACE TEMP TABLE datasets AS SELECT * FROM datasets")
-    con.execute("CREATE OR REPLACE TEMP TABLE reasons AS SELECT unnest(?) AS code, "
-                "generate_subscripts(?, 1) AS priority", [list(REASON_CODES), list(REASON_CODES)])
+    con.register("raw", raw)  # queried in place from Arrow, not copied
+    datasets = pa.table(
+        {
+            "source": [d.path for d in cfg.datasets],
+            "source_order": list(range(len(cfg.datasets))),
+            "data_folder": [str(data_folder(d, root)) for d in cfg.datasets],
+        }
+    )
+    con.register("datasets", datasets)
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE reasons AS SELECT unnest(?) AS code, generate_subscripts(?, 1) AS priority",
+        [list(REASON_CODES), list(REASON_CODES)],
+    )
     con.execute("SET VARIABLE special_token_regex = ?", [special_token_regex()])
     _run_sql(con, "validate_normalize.sql")
 
     vcfg = params.validate_
     fam = family(cfg.processor_config.processor_type)
-    rules = MediaRules(min_side=vcfg.min_image_side or fam.image_factor, max_aspect_ratio=vcfg.max_aspect_ratio,
-                       allow_remote=vcfg.allow_remote_media, project_root=root, store_dir=root / MEDIA_STORE,
-                       workers=vcfg.workers or (os.cpu_count() or 1))
+    rules = MediaRules(
+        min_side=vcfg.min_image_side or fam.image_factor,
+        max_aspect_ratio=vcfg.max_aspect_ratio,
+        allow_remote=vcfg.allow_remote_media,
+        project_root=root,
+        store_dir=root / MEDIA_STORE,
+        workers=vcfg.workers or (os.cpu_count() or 1),
+    )
     cache = ProbeCache(root / vcfg.media_cache)
     refs = con.execute("SELECT kind, is_frame_list, data_folder, ref FROM media_refs ORDER BY ALL").fetchall()
-    media_checks = MediaChecker(rules, cache).check_all(refs)
+    con.register("media_checks", MediaChecker(rules, cache).check_all(refs))
     cache.save()
-    con.execute("CREATE OR REPLACE TEMP TABLE media_checks AS SELECT * FROM media_checks")
     _run_sql(con, "validate_rules.sql")
 
 
@@ -99,14 +111,17 @@ def run(params: Params, root: Path = Path(".")) -> ValidateResult:
     with atomic_dir(root / OUT_DIR) as tmp:
         for table in ("accepted", "rejects"):
             name = "samples.parquet" if table == "accepted" else "rejects.parquet"
-            con.execute(f"COPY (SELECT * EXCLUDE (source_order) FROM {table} {SAMPLES_SORT}) "
-                        f"TO '{tmp / name}' (FORMAT parquet, COMPRESSION zstd)")
+            con.execute(
+                f"COPY (SELECT * EXCLUDE (source_order) FROM {table} {SAMPLES_SORT}) "
+                f"TO '{tmp / name}' (FORMAT parquet, COMPRESSION zstd)"
+            )
     accepted = con.execute("SELECT count(*) FROM accepted").fetchone()[0]
     by_reason = dict(con.execute("SELECT reason, count(*) FROM rejects GROUP BY reason ORDER BY reason").fetchall())
     rejected = sum(by_reason.values())
     if accepted + rejected != n_input:  # the stage's promise; a broken rule must never lose rows silently
         raise AssertionError(f"validate lost rows: input {n_input} != accepted {accepted} + rejected {rejected}")
-    result = ValidateResult(n_input, accepted, rejected, by_reason.get("duplicate", 0), by_reason,
-                            time.perf_counter() - start)
+    result = ValidateResult(
+        n_input, accepted, rejected, by_reason.get("duplicate", 0), by_reason, time.perf_counter() - start
+    )
     write_json(root / METRICS, result.metrics())
     return result

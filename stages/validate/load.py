@@ -1,4 +1,4 @@
-"""Load every dataset file's rows, verbatim, into one Arrow table: (source, row, data_folder, line, load_reason).
+"""Load every dataset file's rows, verbatim, into one Arrow table: (source, row, line, load_reason).
 
 A row is one JSON object as text. JSONL lines are kept byte for byte (invalid UTF-8 is marked, not dropped);
 JSON arrays and Parquet rows are serialised to JSON text. A file that is missing or whose rows hold no
@@ -11,15 +11,20 @@ import json
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from schemas.errors import StageInputError
 from schemas.params import DatasetEntry
 
-RAW_SCHEMA = pa.schema([
-    ("source", pa.string()), ("row", pa.int64()), ("data_folder", pa.string()), ("line", pa.string()),
-    ("load_reason", pa.string()),
-])
+RAW_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("row", pa.int64()),
+        ("line", pa.string()),
+        ("load_reason", pa.string()),
+    ]
+)
 MESSAGE_KEYS = ("messages", "conversations")
 
 
@@ -47,7 +52,9 @@ def _json_array_lines(path: Path) -> list[str]:
     try:
         data = json.loads(path.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StageInputError(f"{path}: not a valid JSON file ({exc}); use data_type: jsonl for one row a line")
+        raise StageInputError(
+            f"{path}: not a valid JSON file ({exc}); use data_type: jsonl for one row a line"
+        ) from None
     if not isinstance(data, list):
         raise StageInputError(f"{path}: a JSON dataset must be an array of samples, got {type(data).__name__}")
     return [json.dumps(item, ensure_ascii=False) for item in data]
@@ -56,8 +63,7 @@ def _json_array_lines(path: Path) -> list[str]:
 def _parquet_lines(path: Path) -> list[str]:
     con = duckdb.connect()
     try:
-        columns = con.execute("SELECT name, type FROM parquet_schema(?) WHERE name <> 'schema'",
-                              [str(path)]).fetchall()
+        columns = con.execute("SELECT name, type FROM parquet_schema(?) WHERE name <> 'schema'", [str(path)]).fetchall()
     except duckdb.Error as exc:
         raise StageInputError(f"{path}: not a readable Parquet file ({exc})") from None
     names = {n for n, _ in columns}
@@ -93,7 +99,7 @@ def load_dataset(entry: DatasetEntry, root: Path) -> pa.Table:
     path = (root / entry.path) if not Path(entry.path).is_absolute() else Path(entry.path)
     if not path.is_file():
         raise StageInputError(f"dataset file not found: {path} (dataset_config.datasets path {entry.path!r})")
-    folder = root / entry.data_folder if entry.data_folder else path.parent
+    folder = data_folder(entry, root)
     if not folder.is_dir():
         raise StageInputError(f"data_folder not found: {folder} (for dataset {entry.path})")
     if entry.data_type == "jsonl":
@@ -103,11 +109,21 @@ def load_dataset(entry: DatasetEntry, root: Path) -> pa.Table:
         reasons = [None] * len(lines)
     _check_holds_messages(path, lines)
     n = len(lines)
-    return pa.table({
-        "source": pa.array([entry.path] * n, pa.string()), "row": pa.array(range(n), pa.int64()),
-        "data_folder": pa.array([str(folder.resolve())] * n, pa.string()), "line": pa.array(lines, pa.string()),
-        "load_reason": pa.array(reasons, pa.string()),
-    }, schema=RAW_SCHEMA)
+    return pa.table(
+        {
+            "source": pa.repeat(pa.scalar(entry.path), n),
+            "row": pa.array(np.arange(n, dtype=np.int64)),
+            "line": pa.array(lines, pa.string()),
+            "load_reason": pa.array(reasons, pa.string()),
+        },
+        schema=RAW_SCHEMA,
+    )
+
+
+def data_folder(entry: DatasetEntry, root: Path) -> Path:
+    """Where a dataset's relative media paths point: data_folder, or the dataset file's own folder."""
+    path = root / entry.path
+    return (root / entry.data_folder if entry.data_folder else path.parent).resolve()
 
 
 def load_all(entries: list[DatasetEntry], root: Path) -> pa.Table:

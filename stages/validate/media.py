@@ -22,12 +22,24 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-MEDIA_CHECKS_SCHEMA = pa.schema([
-    ("kind", pa.string()), ("is_frame_list", pa.bool_()), ("data_folder", pa.string()), ("ref", pa.string()),
-    ("reason", pa.string()), ("detail", pa.string()), ("path", pa.string()), ("frame_paths", pa.list_(pa.string())),
-    ("sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("duration", pa.float64()),
-    ("fps", pa.float64()), ("nframes", pa.int64()),
-])
+MEDIA_CHECKS_SCHEMA = pa.schema(
+    [
+        ("kind", pa.string()),
+        ("is_frame_list", pa.bool_()),
+        ("data_folder", pa.string()),
+        ("ref", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("path", pa.string()),
+        ("frame_paths", pa.list_(pa.string())),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("duration", pa.float64()),
+        ("fps", pa.float64()),
+        ("nframes", pa.int64()),
+    ]
+)
 DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]*)(?:;[\w=-]+)*?;base64,(?P<payload>.*)$", re.S)
 EXT_BY_MIME = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "image/gif": ".gif"}
 
@@ -76,8 +88,9 @@ def probe_video(path: str) -> Probe:
             if not container.streams.video:
                 return Probe("no_video_stream", f"{Path(path).name} has no video stream")
             stream = container.streams.video[0]
-            duration = (float(stream.duration * stream.time_base) if stream.duration
-                        else (container.duration or 0) / 1_000_000)
+            duration = (
+                float(stream.duration * stream.time_base) if stream.duration else (container.duration or 0) / 1_000_000
+            )
             fps = float(stream.average_rate) if stream.average_rate else None
             nframes = stream.frames or (round(duration * fps) if fps else 0)
             if duration <= 0 or nframes <= 0:
@@ -129,14 +142,15 @@ class ProbeCache:
         fd, tmp = tempfile.mkstemp(prefix=".media.", suffix=".duckdb", dir=self.path.parent)
         os.close(fd)
         os.unlink(tmp)
+        hashes = pa.Table.from_pylist(
+            [{"path": p, "size": s, "mtime_ns": m, "sha256": h} for (p, s, m), h in self.hashes.items()]
+        )
+        probes = pa.Table.from_pylist([{"kind": k, "sha256": h, **vars(p)} for (k, h), p in self.probes.items()])
         with duckdb.connect(tmp) as con:
-            con.execute("CREATE TABLE file_hash (path VARCHAR, size BIGINT, mtime_ns BIGINT, sha256 VARCHAR)")
-            con.executemany("INSERT INTO file_hash VALUES (?, ?, ?, ?)", [(*k, v) for k, v in self.hashes.items()])
-            con.execute("CREATE TABLE probe (kind VARCHAR, sha256 VARCHAR, error VARCHAR, detail VARCHAR, "
-                        "width INT, height INT, duration DOUBLE, fps DOUBLE, nframes BIGINT)")
-            con.executemany("INSERT INTO probe VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            [(*k, p.error, p.detail, p.width, p.height, p.duration, p.fps, p.nframes)
-                             for k, p in self.probes.items()])
+            con.register("hashes", hashes)
+            con.register("probes", probes)
+            con.execute("CREATE TABLE file_hash AS SELECT * FROM hashes")
+            con.execute("CREATE TABLE probe AS SELECT * FROM probes")
         os.replace(tmp, self.path)
 
 
@@ -159,7 +173,7 @@ class MediaChecker:
             return self._fetch_remote(ref)
         if ref.startswith("data:"):
             return self._store_data_url(ref)
-        ref_path = ref[len("file://"):] if ref.startswith("file://") else ref
+        ref_path = ref[len("file://") :] if ref.startswith("file://") else ref
         folder = os.path.realpath(data_folder)
         real = os.path.realpath(os.path.join(folder, ref_path))
         if not (real == folder or real.startswith(folder + os.sep)):
@@ -213,9 +227,17 @@ class MediaChecker:
         sha = self.cache.sha256(real)
         probe = self.cache.probe(kind, sha, real)
         reason, detail = self._limits(probe) if kind == "image" else (probe.error, probe.detail)
-        return {"reason": reason, "detail": detail, "path": self._display_path(real), "sha256": sha,
-                "width": probe.width, "height": probe.height, "duration": probe.duration, "fps": probe.fps,
-                "nframes": probe.nframes}
+        return {
+            "reason": reason,
+            "detail": detail,
+            "path": self._display_path(real),
+            "sha256": sha,
+            "width": probe.width,
+            "height": probe.height,
+            "duration": probe.duration,
+            "fps": probe.fps,
+            "nframes": probe.nframes,
+        }
 
     def _check_frames(self, ref: str, data_folder: str) -> dict:
         frames = json.loads(ref)
@@ -226,9 +248,15 @@ class MediaChecker:
             if c["reason"]:
                 return {"reason": c["reason"], "detail": f"frame {i}: {c['detail']}"}
         first = checked[0]
-        return {"reason": None, "detail": None, "frame_paths": [c["path"] for c in checked],
-                "sha256": hashlib.sha256("".join(c["sha256"] for c in checked).encode()).hexdigest(),
-                "width": first["width"], "height": first["height"], "nframes": len(frames)}
+        return {
+            "reason": None,
+            "detail": None,
+            "frame_paths": [c["path"] for c in checked],
+            "sha256": hashlib.sha256("".join(c["sha256"] for c in checked).encode()).hexdigest(),
+            "width": first["width"],
+            "height": first["height"],
+            "nframes": len(frames),
+        }
 
     def check_one(self, kind: str, is_frame_list: bool, data_folder: str, ref: str) -> dict:
         result = self._check_frames(ref, data_folder) if is_frame_list else self._check_file(kind, ref, data_folder)

@@ -16,15 +16,22 @@ from tests.conftest import demo_params
 
 
 def read(project: Path, name: str) -> list[dict]:
-    return duckdb.sql(f"SELECT * FROM '{project / 'data/validated' / name}' ORDER BY source, row").to_arrow_table().to_pylist()
+    return (
+        duckdb.sql(f"SELECT * FROM '{project / 'data/validated' / name}' ORDER BY source, row")
+        .to_arrow_table()
+        .to_pylist()
+    )
 
 
 def jsonl_params(*lines: bytes | str, **validate):
     from schemas.params import parse_params
 
-    return lines, parse_params({
-        "dataset_config": {"datasets": [{"path": "data/demo/t.jsonl", "data_folder": "data/demo"}]},
-        "validate": {"media_cache": ".cache/media.duckdb", **validate}})
+    return lines, parse_params(
+        {
+            "dataset_config": {"datasets": [{"path": "data/demo/t.jsonl", "data_folder": "data/demo"}]},
+            "validate": {"media_cache": ".cache/media.duckdb", **validate},
+        }
+    )
 
 
 def run_lines(project: Path, *lines: bytes | str, **validate) -> tuple[list[dict], list[dict]]:
@@ -117,27 +124,49 @@ def test_media_probe_cache_is_reused(project, monkeypatch):
 def test_good_row_is_accepted(project):
     samples, rejects = run_lines(project, GOOD)
     assert len(samples) == 1 and rejects == []
-    assert json.loads(samples[0]["messages"])[1] == {"role": "assistant", "content": [{"type": "text", "text": "hello"}]}
+    assert json.loads(samples[0]["messages"])[1] == {
+        "role": "assistant",
+        "content": [{"type": "text", "text": "hello"}],
+    }
 
 
-@pytest.mark.parametrize(("line", "reason"), [
-    ('[1, 2]', "invalid_json"),
-    ('{"messages": "not a list"}', "missing_messages"),
-    ('{"conversations": [{"from": "human", "value": "<image>x"}, {"from": "gpt", "value": "y"}]}',
-     "media_tag_mismatch"),
-    ('{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]}', "empty_text"),
-    ('{"messages": [{"role": "user", "content": []}, {"role": "assistant", "content": "y"}]}', "empty_text"),
-    ('{"messages": [{"role": "user", "content": ["bare string part"]}, {"role": "assistant", "content": "y"}]}',
-     "missing_part_type"),
-    ('{"messages": [{"role": "user", "content": [{"type": "video", "video": []}]}, '
-     '{"role": "assistant", "content": "y"}]}', "media_missing_url"),
-    ('{"messages": [{"role": "user", "content": [{"type": "video", "video": ["images/street.jpg", '
-     '"images/nope.jpg"]}]}, {"role": "assistant", "content": "y"}]}', "media_file_missing"),
-    ('{"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "videos/walk.mp4", '
-     '"start": -1}}]}, {"role": "assistant", "content": "y"}]}', "bad_clip_range"),
-    ('{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": '
-     '{"url": "file://../demo/../../etc/passwd"}}]}, {"role": "assistant", "content": "y"}]}', "media_path_escape"),
-])
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("[1, 2]", "invalid_json"),
+        ('{"messages": "not a list"}', "missing_messages"),
+        (
+            '{"conversations": [{"from": "human", "value": "<image>x"}, {"from": "gpt", "value": "y"}]}',
+            "media_tag_mismatch",
+        ),
+        ('{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]}', "empty_text"),
+        ('{"messages": [{"role": "user", "content": []}, {"role": "assistant", "content": "y"}]}', "empty_text"),
+        (
+            '{"messages": [{"role": "user", "content": ["bare string part"]}, {"role": "assistant", "content": "y"}]}',
+            "missing_part_type",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": [{"type": "video", "video": []}]}, '
+            '{"role": "assistant", "content": "y"}]}',
+            "media_missing_url",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": [{"type": "video", "video": ["images/street.jpg", '
+            '"images/nope.jpg"]}]}, {"role": "assistant", "content": "y"}]}',
+            "media_file_missing",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "videos/walk.mp4", '
+            '"start": -1}}]}, {"role": "assistant", "content": "y"}]}',
+            "bad_clip_range",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": '
+            '{"url": "file://../demo/../../etc/passwd"}}]}, {"role": "assistant", "content": "y"}]}',
+            "media_path_escape",
+        ),
+    ],
+)
 def test_more_reject_reasons(project, line, reason):
     samples, rejects = run_lines(project, GOOD, line)
     assert len(samples) == 1
@@ -149,8 +178,10 @@ def test_symlink_out_of_data_folder_is_an_escape(project, tmp_path_factory):
     outside = tmp_path_factory.mktemp("outside") / "secret.jpg"
     shutil.copy(project / "data/demo/images/street.jpg", outside)
     os.symlink(outside, project / "data/demo/images/link.jpg")
-    line = ('{"messages": [{"role": "user", "content": [{"type": "image", "image": "images/link.jpg"}]}, '
-            '{"role": "assistant", "content": "y"}]}')
+    line = (
+        '{"messages": [{"role": "user", "content": [{"type": "image", "image": "images/link.jpg"}]}, '
+        '{"role": "assistant", "content": "y"}]}'
+    )
     _, rejects = run_lines(project, line)
     assert [r["reason"] for r in rejects] == ["media_path_escape"]
 
