@@ -41,7 +41,10 @@ def test_python_dash_m_entry_point(tmp_path, demo_dir):
     shutil.copytree(demo_dir, tmp_path / "data" / "demo")
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     proc = subprocess.run(
-        [sys.executable, "-m", "stages.validate", "--params", "params.yaml"], capture_output=True, text=True, cwd=tmp_path
+        [sys.executable, "-m", "stages.validate", "--params", "params.yaml"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "data/validated/samples.parquet").is_file()
