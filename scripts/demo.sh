@@ -6,3 +6,4 @@ bash scripts/install.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 .venv/bin/qvl setup-demo
 .venv/bin/qvl validate
+.venv/bin/qvl decode

@@ -32,6 +32,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_decode(args: argparse.Namespace) -> int:
+    from schemas.params import load_params
+    from stages.decode import run
+
+    r = run(load_params(args.params))
+    print(
+        f"decode: {r.videos} videos, {r.decoded} decoded ({r.frames} frames, {r.shard_bytes / 1e6:.1f} MB in shards, "
+        f"{r.raw_bytes / 1e6:.1f} MB raw), {r.rejected} rejected ({r.samples_excluded} samples excluded) "
+        f"in {r.seconds:.2f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from stages.demo import write_demo
 
@@ -79,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: list[tuple[str, str, Callable]] = [
         ("validate", "load the datasets into DuckDB, apply the rules, write samples and rejects", cmd_validate),
+        ("decode", "decode every video of the accepted samples once into lossless frame shards", cmd_decode),
         ("demo", "write the demo dataset (images, videos, chat rows with known bad rows) to DIR", cmd_demo),
         (
             "make-tiny-model",
@@ -91,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, fn in commands:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(fn=fn)
-        if name == "validate":
+        if name in ("validate", "decode"):
             _params_arg(p)
         elif name == "demo":
             p.add_argument("dir", help="output directory (replaced atomically)")

@@ -18,7 +18,7 @@ class DecodeError(Exception):
     """A video that cannot be decoded as planned; ``reason`` is a reject code."""
 
     def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
+        super().__init__(reason, detail)  # both in args, so the error pickles across processes
         self.reason = reason
         self.detail = detail
 

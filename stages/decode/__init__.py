@@ -1,0 +1,207 @@
+"""The decode stage: every distinct video of the accepted samples, decoded once into lossless frame shards.
+
+Recipe: collect distinct videos (content hash + clip + sampling options) from data/validated/samples.parquet
+-> plan each with qwen-vl-utils' arithmetic -> decode the planned frames in parallel processes (ffmpeg, then
+Qwen's resize) -> write shards, index and rejects atomically. A video that fails becomes a reject row naming
+the samples that use it; the other videos go on.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from schemas.errors import StageInputError
+from schemas.params import Params
+from stages.decode.ffmpeg_frames import DecodeError, decode_planned
+from stages.decode.sampling import SamplingOptions, plan_frames, video_key
+from stages.decode.shards import INDEX_FILE, INDEX_SCHEMA, ShardWriter
+from stages.families import family
+from stages.io import atomic_dir, write_json
+
+SAMPLES = Path("data/validated/samples.parquet")
+OUT_DIR = Path("data/frames")
+METRICS = Path("metrics/decode.json")
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("video_key", pa.string()),
+        ("path", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("sample_ids", pa.list_(pa.string())),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class VideoJob:
+    key: str
+    sha256: str
+    path: str | None  # a video file, or None for a list of frame images
+    frame_paths: tuple[str, ...] | None
+    src_frames: int | None
+    src_fps: float | None
+    src_height: int
+    src_width: int
+    video_start: float | None
+    video_end: float | None
+    sample_ids: tuple[str, ...]
+
+
+def collect_jobs(root: Path, options: SamplingOptions) -> list[VideoJob]:
+    """Distinct videos of the accepted samples, sorted by key (so outputs are deterministic)."""
+    samples = root / SAMPLES
+    if not samples.is_file():
+        raise StageInputError(f"{samples} not found: run `qvl validate` first")
+    rows = duckdb.sql(f"""
+        SELECT m.sha256, m.path, m.frame_paths, m.nframes, m.fps, m.height, m.width, m.video_start, m.video_end,
+               list(DISTINCT sample_id ORDER BY sample_id) AS sample_ids
+        FROM (SELECT sample_id, unnest(media) AS m FROM read_parquet('{samples}')) WHERE m.kind = 'video'
+        GROUP BY ALL""").fetchall()
+    jobs = [
+        VideoJob(
+            video_key(sha, options, start, end),
+            sha,
+            path,
+            tuple(frames) if frames else None,
+            nframes,
+            fps,
+            height,
+            width,
+            start,
+            end,
+            tuple(ids),
+        )
+        for sha, path, frames, nframes, fps, height, width, start, end, ids in rows
+    ]
+    return sorted(jobs, key=lambda j: j.key)
+
+
+def decode_job(job: VideoJob, options: SamplingOptions, patch_size: int, root: str, threads: int):
+    """Runs in a worker process: (frames uint8 (T, H, W, 3), index fields) or a DecodeError."""
+    try:
+        if job.frame_paths:
+            return _decode_frame_list(job, options, patch_size, root)
+        plan = plan_frames(
+            job.src_frames, job.src_fps, job.src_height, job.src_width, options, job.video_start, job.video_end
+        )
+        frames = decode_planned(os.path.join(root, job.path), plan, job.src_height, job.src_width, threads)
+        return frames, {
+            "frames_indices": plan.indices,
+            "timestamps": plan.timestamps,
+            "video_fps": plan.video_fps,
+            "total_frames": plan.total_frames,
+            "fps_sampled": plan.fps_sampled,
+        }
+    except DecodeError as exc:
+        return exc
+    except (ValueError, OSError) as exc:  # qwen-vl-utils' range/frame-count checks, unreadable frame files
+        return DecodeError("decode_error", f"{type(exc).__name__}: {exc}")
+
+
+def _decode_frame_list(job: VideoJob, options: SamplingOptions, patch_size: int, root: str):
+    """A list of frame images is a video qwen-vl-utils builds itself (no video decoding): use its fetch_video."""
+    import torch
+    from qwen_vl_utils import fetch_video
+
+    ele = {"video": [os.path.join(root, p) for p in job.frame_paths], **options.element()}
+    video, meta = fetch_video(ele, image_patch_size=patch_size, return_video_metadata=True)
+    frames = video.round().clamp(0, 255).to(dtype=torch.uint8).permute(0, 2, 3, 1).numpy()
+    fps = float(meta["fps"])
+    return frames, {
+        "frames_indices": list(meta["frames_indices"]),
+        "timestamps": [i / fps for i in meta["frames_indices"]],
+        "video_fps": fps,
+        "total_frames": int(round(meta["total_num_frames"])),
+        "fps_sampled": fps,
+    }
+
+
+@dataclass
+class DecodeResult:
+    videos: int
+    decoded: int
+    rejected: int
+    frames: int
+    samples_excluded: int
+    shard_bytes: int
+    raw_bytes: int
+    seconds: float
+
+    def metrics(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "seconds"}
+
+
+def run(params: Params, root: Path = Path(".")) -> DecodeResult:
+    start = time.perf_counter()
+    fam = family(params.dataset_config.processor_config.processor_type)
+    options = SamplingOptions.from_config(params.dataset_config, fam)
+    jobs = collect_jobs(root, options)
+    workers = params.decode.workers or os.cpu_count() or 1
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    index, rejects, frames_total, raw_bytes = [], [], 0, 0
+    with atomic_dir(root / OUT_DIR) as tmp, ProcessPoolExecutor(max_workers=workers) as pool:
+        writer = ShardWriter(tmp, params.decode.shard_target_mb * 1024 * 1024)
+        decode = partial(
+            decode_job, options=options, patch_size=fam.patch_size, root=str(root.resolve()), threads=threads
+        )
+        results = pool.map(decode, jobs)
+        for job, result in tqdm(
+            zip(jobs, results, strict=True), total=len(jobs), desc="decode", unit="video", disable=None
+        ):
+            if isinstance(result, DecodeError):
+                rejects.append(
+                    {
+                        "video_key": job.key,
+                        "path": job.path or job.frame_paths[0],
+                        "reason": result.reason,
+                        "detail": result.detail,
+                        "sample_ids": list(job.sample_ids),
+                    }
+                )
+                continue
+            frames, fields = result
+            shard, group = writer.add(job.key, frames)
+            frames_total += len(frames)
+            raw_bytes += frames.nbytes
+            index.append(
+                {
+                    "video_key": job.key,
+                    "sha256": job.sha256,
+                    "path": job.path or job.frame_paths[0],
+                    "is_frame_list": job.frame_paths is not None,
+                    "shard": shard,
+                    "row_group": group,
+                    "nframes": len(frames),
+                    "height": frames.shape[1],
+                    "width": frames.shape[2],
+                    "video_start": job.video_start,
+                    "video_end": job.video_end,
+                    **fields,
+                }
+            )
+        writer.close()
+        pq.write_table(pa.Table.from_pylist(index, schema=INDEX_SCHEMA), tmp / INDEX_FILE)
+        pq.write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), tmp / "rejects.parquet")
+    excluded = {s for r in rejects for s in r["sample_ids"]}
+    result = DecodeResult(
+        len(jobs),
+        len(index),
+        len(rejects),
+        frames_total,
+        len(excluded),
+        writer.bytes_written,
+        raw_bytes,
+        time.perf_counter() - start,
+    )
+    write_json(root / METRICS, result.metrics())
+    return result
