@@ -8,6 +8,7 @@ the samples that use it; the other videos go on.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -149,7 +150,10 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
     workers = params.decode.workers or os.cpu_count() or 1
     threads = max(1, (os.cpu_count() or 1) // workers)
     index, rejects, frames_total, raw_bytes = [], [], 0, 0
-    with atomic_dir(root / OUT_DIR) as tmp, ProcessPoolExecutor(max_workers=workers) as pool:
+    with (
+        atomic_dir(root / OUT_DIR) as tmp,
+        ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver")) as pool,
+    ):
         writer = ShardWriter(tmp, params.decode.shard_target_mb * 1024 * 1024)
         decode = partial(
             decode_job, options=options, patch_size=fam.patch_size, root=str(root.resolve()), threads=threads
