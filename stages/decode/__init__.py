@@ -127,6 +127,13 @@ def _decode_frame_list(job: VideoJob, options: SamplingOptions, patch_size: int,
     }
 
 
+def _one_torch_thread() -> None:
+    """Workers already run one per core: torch's own threads would only oversubscribe the CPU."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @dataclass
 class DecodeResult:
     videos: int

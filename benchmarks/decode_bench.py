@@ -1,0 +1,150 @@
+"""Decode benchmarks (issue 3): stage throughput vs the plain ffmpeg CLI, shard fetch vs on-the-fly decoding,
+and shard size per frame.
+
+Usage: python benchmarks/decode_bench.py [--videos 12] [--seconds 10]
+Clips are 640x360 30 fps H.264 with noise added (so they compress like camera footage, not like a test card).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import ffmpeg  # noqa: E402
+import imageio_ffmpeg  # noqa: E402
+
+from schemas.params import parse_params  # noqa: E402
+from stages.decode import run as decode  # noqa: E402
+from stages.decode.shards import FrameStore  # noqa: E402
+from stages.validate import run as validate  # noqa: E402
+
+FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def make_clips(root: Path, n: int, seconds: float) -> list[str]:
+    names = []
+    for i in range(n):
+        name = f"clip{i}.mp4"
+        src = ffmpeg.input(f"testsrc2=duration={seconds}:size=640x360:rate=30", f="lavfi")
+        src = src.filter("noise", alls=12, allf="t+u").filter("hue", h=i * 30)
+        src.output(
+            str(root / name), vcodec="libx264", pix_fmt="yuv420p", movflags="+faststart", preset="veryfast", crf=23
+        ).overwrite_output().run(cmd=FFMPEG, quiet=True)
+        names.append(name)
+    return names
+
+
+def cli_same_frames(root: Path, store: FrameStore, workers: int) -> tuple[int, float]:
+    """The plain ffmpeg CLI pulling the same frames at the same size (select + bicubic scale), same parallelism."""
+    procs, frames, start = [], 0, time.perf_counter()
+    for row in store.index.values():
+        select = "+".join(f"eq(n\\,{i})" for i in row["frames_indices"])
+        cmd = [
+            FFMPEG,
+            "-v",
+            "error",
+            "-threads",
+            "1",
+            "-i",
+            str(root / row["path"]),
+            "-vf",
+            f"select={select},scale={row['width']}:{row['height']}:flags=bicubic",
+            "-fps_mode",
+            "passthrough",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-threads",
+            "1",
+            "-",
+        ]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
+        frames += row["nframes"]
+        while sum(p.poll() is None for p in procs) >= workers:
+            time.sleep(0.001)
+    for p in procs:
+        p.wait()
+    return frames, time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--videos", type=int, default=12)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    args = ap.parse_args()
+    workers = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "data/videos").mkdir(parents=True)
+        names = make_clips(root / "data/videos", args.videos, args.seconds)
+        rows = [
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": [{"type": "video", "video": f"videos/{n}"}]},
+                        {"role": "assistant", "content": n},
+                    ]
+                }
+            )
+            for n in names
+        ]
+        (root / "data/rows.jsonl").write_text("\n".join(rows) + "\n")
+        params = parse_params(
+            {
+                "dataset_config": {
+                    "datasets": [{"path": "data/rows.jsonl", "data_folder": "data"}],
+                    "fps": 2.0,
+                    "video_max_pixels": 602112,
+                },
+                "validate": {"media_cache": ".cache/m.duckdb"},
+            }
+        )
+        validate(params, root)
+        result = decode(params, root)
+        stage_fps = result.frames / result.seconds
+        store = FrameStore(root / "data/frames")
+        cli_frames, cli_seconds = cli_same_frames(root, store, workers)
+        print(
+            f"decode stage: {result.frames} sampled frames from {result.decoded} videos in {result.seconds:.2f} s "
+            f"= {stage_fps:.0f} frames/s ({workers} workers)"
+        )
+        print(
+            f"plain ffmpeg CLI, same frames and size: {cli_frames / cli_seconds:.0f} frames/s -> stage is "
+            f"{stage_fps / (cli_frames / cli_seconds):.2f}x the CLI (goal >= 0.8x)"
+        )
+
+        keys = list(store.index)
+        start = time.perf_counter()
+        fetched = sum(len(store.get(k).frames) for _ in range(5) for k in keys)
+        shard_fps = fetched / (time.perf_counter() - start)
+        from qwen_vl_utils import fetch_video, vision_process
+
+        start, decoded = time.perf_counter(), 0
+        for k in keys:  # the peers' way: decode in the data loader, per sample
+            row = store.index[k]
+            decoded += len(fetch_video({"video": str(root / row["path"]), "fps": 2.0, "max_pixels": 602112}))
+        fly_fps = decoded / (time.perf_counter() - start)
+        print(
+            f"train-time fetch: shards {shard_fps:.0f} frames/s vs on-the-fly qwen-vl-utils "
+            f"({vision_process.get_video_reader_backend()}) {fly_fps:.0f} frames/s -> {shard_fps / fly_fps:.0f}x "
+            "(goal >= 20x)"
+        )
+        per_frame = result.shard_bytes / result.frames
+        raw = result.raw_bytes / result.frames
+        print(
+            f"shard size: {per_frame / 1024:.0f} KiB per sampled frame vs {raw / 1024:.0f} KiB raw RGB "
+            f"({raw / per_frame:.2f}x smaller; Parquet, zstd level 1, lossless)"
+        )
+
+
+if __name__ == "__main__":
+    main()
