@@ -95,18 +95,10 @@ class ShardWriter:
 
 @dataclass(frozen=True)
 class VideoFrames:
-    """A pre-decoded video: frames uint8 (T, H, W, 3) plus what the processors need to know about them."""
+    """A pre-decoded video: frames uint8 (T, H, W, 3) and its index row (sampling facts, see INDEX_SCHEMA)."""
 
     frames: np.ndarray
-    frames_indices: list[int]
-    timestamps: list[float]
-    video_fps: float
-    total_frames: int
-    fps_sampled: float
-
-    def video_metadata(self) -> dict:
-        """The `video_metadata` transformers' Qwen video processors take with pre-sampled frames."""
-        return {"fps": self.video_fps, "frames_indices": self.frames_indices, "total_num_frames": self.total_frames}
+    info: dict
 
 
 class FrameStore:
@@ -132,6 +124,4 @@ class FrameStore:
         offsets = np.frombuffer(offsets_buf, np.int32)[pixels.offset : pixels.offset + len(pixels) + 1]
         raw = np.frombuffer(data_buf, np.uint8)[offsets[0] : offsets[-1]]
         frames = raw.reshape(len(pixels), row["height"], row["width"], 3)
-        return VideoFrames(
-            frames, row["frames_indices"], row["timestamps"], row["video_fps"], row["total_frames"], row["fps_sampled"]
-        )
+        return VideoFrames(frames, row)

@@ -1,0 +1,162 @@
+"""The tokenize stage: every accepted sample to token ids, labels and vision grids, with the real processor.
+
+Recipe: read accepted samples, drop those whose video failed to decode (recorded as rejects) -> render and
+tokenise in parallel worker processes (render.py) -> reject samples longer than packing_length (or stop, when
+filter_overlong is false) -> write data/tokenized/{samples,rejects}.parquet and metrics/tokenize.json.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from schemas.errors import PipelineError, StageInputError
+from schemas.params import Params
+from stages.io import atomic_dir, write_json
+
+SAMPLES = Path("data/validated/samples.parquet")
+FRAMES = Path("data/frames")
+OUT_DIR = Path("data/tokenized")
+METRICS = Path("metrics/tokenize.json")
+CHUNK = 256
+TOKENIZED_SCHEMA = pa.schema([
+    ("sample_id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+    ("length", pa.int32()), ("label_tokens", pa.int32()), ("image_paths", pa.list_(pa.string())),
+    ("image_grid_thw", pa.list_(pa.list_(pa.int32()))), ("video_keys", pa.list_(pa.string())),
+    ("video_grid_thw", pa.list_(pa.list_(pa.int32()))), ("second_per_grid_ts", pa.list_(pa.float64())),
+])
+REJECTS_SCHEMA = pa.schema([("sample_id", pa.string()), ("source", pa.string()), ("row", pa.int64()),
+                            ("reason", pa.string()), ("detail", pa.string())])
+
+_renderer = None  # one per worker process
+
+
+def load_processor(params: Params):
+    """The processor named in params (a local directory; nothing is downloaded)."""
+    from transformers import AutoProcessor
+
+    name = params.dataset_config.processor_config.processor_name
+    if not Path(name).is_dir():
+        raise StageInputError(f"processor directory not found: {name} (dataset_config.processor_config."
+                              "processor_name must be a local model directory; run `qvl setup-demo` for the demo)")
+    try:
+        return AutoProcessor.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise StageInputError(f"cannot load the processor from {name}: {exc}") from None
+
+
+def _init_worker(params_json: str, root: str, video_keys: dict) -> None:
+    from schemas.params import Params
+    from stages.decode.shards import FrameStore
+    from stages.tokenize.render import SampleRenderer
+    from stages.tokenize.vision import VisionArgs
+
+    global _renderer
+    params = Params.model_validate_json(params_json)
+    processor = load_processor(params)
+    frames_dir = Path(root) / FRAMES
+    store = FrameStore(frames_dir) if (frames_dir / "index.parquet").exists() else None
+    _renderer = SampleRenderer(processor, VisionArgs.for_processor(processor, params.dataset_config), store,
+                               video_keys)
+
+
+def _render_chunk(chunk: list[tuple]) -> list[dict]:
+    return [asdict(t) for t in _renderer.render(chunk)]
+
+
+@dataclass
+class TokenizeResult:
+    input: int
+    tokenized: int
+    rejected: int
+    by_reason: dict[str, int]
+    tokens: int
+    label_tokens: int
+    seconds: float
+
+    def metrics(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "seconds"}
+
+
+def _read_inputs(root: Path, params: Params) -> tuple[list[dict], dict[str, dict], dict]:
+    """Accepted samples, samples excluded by decode (id -> reject row), and (sha, start, end) -> video_key."""
+    from stages.decode.sampling import SamplingOptions, video_key
+    from stages.families import family
+
+    if not (root / SAMPLES).is_file():
+        raise StageInputError(f"{root / SAMPLES} not found: run `qvl validate` first")
+    samples = pq.read_table(root / SAMPLES, columns=["sample_id", "source", "row", "messages", "media"]).to_pylist()
+    has_video = any(m["kind"] == "video" for s in samples for m in s["media"])
+    if has_video and not (root / FRAMES / "index.parquet").is_file():
+        raise StageInputError(f"{root / FRAMES} not found: run `qvl decode` first (samples hold videos)")
+    excluded, keys = {}, {}
+    if has_video:
+        for r in pq.read_table(root / FRAMES / "rejects.parquet").to_pylist():
+            for sid in r["sample_ids"]:
+                excluded[sid] = {"reason": r["reason"], "detail": f"video {r['path']}: {r['detail']}"}
+        options = SamplingOptions.from_config(params.dataset_config,
+                                              family(params.dataset_config.processor_config.processor_type))
+        keys = {(m["sha256"], m["video_start"], m["video_end"]):
+                video_key(m["sha256"], options, m["video_start"], m["video_end"])
+                for s in samples for m in s["media"] if m["kind"] == "video"}
+    return samples, excluded, keys
+
+
+def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
+    start = time.perf_counter()
+    load_processor(params)  # fail fast, in this process, with a clear message
+    samples, excluded, keys = _read_inputs(root, params)
+    rejects = [{"sample_id": s["sample_id"], "source": s["source"], "row": s["row"], **excluded[s["sample_id"]]}
+               for s in samples if s["sample_id"] in excluded]
+    todo = [s for s in samples if s["sample_id"] not in excluded]
+    chunks = [[(s["sample_id"], s["messages"], s["media"]) for s in todo[i : i + CHUNK]]
+              for i in range(0, len(todo), CHUNK)]
+    workers = max(1, min(os.cpu_count() or 1, len(chunks)))
+    init_args = (params.model_dump_json(by_alias=True), str(root.resolve()), keys)
+    rows: list[dict] = []
+    if workers == 1:  # a small dataset: worker start-up (seconds) would cost more than the work
+        _init_worker(*init_args)
+        results = map(_render_chunk, chunks)
+    else:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
+                                   initializer=_init_worker, initargs=init_args)
+        results = pool.map(_render_chunk, chunks)
+    for chunk_rows in tqdm(results, total=len(chunks), desc="tokenize", unit="chunk", disable=None):
+        rows.extend(chunk_rows)
+    if workers > 1:
+        pool.shutdown()
+    cap = params.dataset_config.packing_length
+    source_of = {s["sample_id"]: s for s in todo}
+    overlong = [r for r in rows if len(r["input_ids"]) > cap]
+    if overlong and not params.dataset_config.filter_overlong:
+        listed = ", ".join(f"{r['sample_id']} ({len(r['input_ids'])} tokens)" for r in overlong[:20])
+        raise PipelineError(f"{len(overlong)} sample(s) longer than packing_length {cap} and filter_overlong is "
+                            f"false: {listed}{' ...' if len(overlong) > 20 else ''}")
+    for r in overlong:
+        s = source_of[r["sample_id"]]
+        rejects.append({"sample_id": r["sample_id"], "source": s["source"], "row": s["row"], "reason": "overlong",
+                        "detail": f"{len(r['input_ids'])} tokens > packing_length {cap}"})
+    kept = [r for r in rows if len(r["input_ids"]) <= cap]
+    for r in kept:
+        r["length"] = len(r["input_ids"])
+        r["label_tokens"] = sum(1 for x in r["labels"] if x != -100)
+    with atomic_dir(root / OUT_DIR) as tmp:
+        pq.write_table(pa.Table.from_pylist(kept, schema=TOKENIZED_SCHEMA), tmp / "samples.parquet",
+                       compression="zstd")
+        pq.write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), tmp / "rejects.parquet")
+    by_reason = dict(sorted(Counter(r["reason"] for r in rejects).items()))
+    result = TokenizeResult(len(samples), len(kept), len(rejects), by_reason, sum(r["length"] for r in kept),
+                            sum(r["label_tokens"] for r in kept), time.perf_counter() - start)
+    if result.tokenized + result.rejected != result.input:
+        raise AssertionError(f"tokenize lost samples: {result.input} != {result.tokenized} + {result.rejected}")
+    write_json(root / METRICS, result.metrics())
+    return result
