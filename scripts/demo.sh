@@ -7,3 +7,5 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=
 .venv/bin/qvl setup-demo
 .venv/bin/qvl validate
 .venv/bin/qvl decode
+.venv/bin/qvl tokenize
+.venv/bin/qvl pack

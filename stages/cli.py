@@ -51,8 +51,24 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     from stages.tokenize import run
 
     r = run(load_params(args.params))
-    print(f"tokenize: {r.input} samples, {r.tokenized} tokenized ({r.tokens} tokens, {r.label_tokens} with labels), "
-          f"{r.rejected} rejected {r.by_reason} in {r.seconds:.2f} s", file=sys.stderr)
+    print(
+        f"tokenize: {r.input} samples, {r.tokenized} tokenized ({r.tokens} tokens, {r.label_tokens} with labels), "
+        f"{r.rejected} rejected {r.by_reason} in {r.seconds:.2f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from schemas.params import load_params
+    from stages.pack import run
+
+    r = run(load_params(args.params))
+    print(
+        f"pack: {r.samples} samples into {r.packs} packs of {r.capacity} ({r.strategy}), efficiency "
+        f"{r.efficiency:.4f}, {r.dropped_overlong} dropped as overlong, in {r.seconds:.2f} s",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -105,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("validate", "load the datasets into DuckDB, apply the rules, write samples and rejects", cmd_validate),
         ("decode", "decode every video of the accepted samples once into lossless frame shards", cmd_decode),
         ("tokenize", "render and tokenise every accepted sample with the real Qwen processor", cmd_tokenize),
+        ("pack", "pack tokenized samples into fixed-capacity packs (first-fit family)", cmd_pack),
         ("demo", "write the demo dataset (images, videos, chat rows with known bad rows) to DIR", cmd_demo),
         (
             "make-tiny-model",
@@ -117,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, fn in commands:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(fn=fn)
-        if name in ("validate", "decode", "tokenize"):
+        if name in ("validate", "decode", "tokenize", "pack"):
             _params_arg(p)
         elif name == "demo":
             p.add_argument("dir", help="output directory (replaced atomically)")

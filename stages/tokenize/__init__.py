@@ -28,14 +28,29 @@ FRAMES = Path("data/frames")
 OUT_DIR = Path("data/tokenized")
 METRICS = Path("metrics/tokenize.json")
 CHUNK = 256
-TOKENIZED_SCHEMA = pa.schema([
-    ("sample_id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-    ("length", pa.int32()), ("label_tokens", pa.int32()), ("image_paths", pa.list_(pa.string())),
-    ("image_grid_thw", pa.list_(pa.list_(pa.int32()))), ("video_keys", pa.list_(pa.string())),
-    ("video_grid_thw", pa.list_(pa.list_(pa.int32()))), ("second_per_grid_ts", pa.list_(pa.float64())),
-])
-REJECTS_SCHEMA = pa.schema([("sample_id", pa.string()), ("source", pa.string()), ("row", pa.int64()),
-                            ("reason", pa.string()), ("detail", pa.string())])
+TOKENIZED_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("length", pa.int32()),
+        ("label_tokens", pa.int32()),
+        ("image_paths", pa.list_(pa.string())),
+        ("image_grid_thw", pa.list_(pa.list_(pa.int32()))),
+        ("video_keys", pa.list_(pa.string())),
+        ("video_grid_thw", pa.list_(pa.list_(pa.int32()))),
+        ("second_per_grid_ts", pa.list_(pa.float64())),
+    ]
+)
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("source", pa.string()),
+        ("row", pa.int64()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
 
 _renderer = None  # one per worker process
 
@@ -46,8 +61,10 @@ def load_processor(params: Params):
 
     name = params.dataset_config.processor_config.processor_name
     if not Path(name).is_dir():
-        raise StageInputError(f"processor directory not found: {name} (dataset_config.processor_config."
-                              "processor_name must be a local model directory; run `qvl setup-demo` for the demo)")
+        raise StageInputError(
+            f"processor directory not found: {name} (dataset_config.processor_config."
+            "processor_name must be a local model directory; run `qvl setup-demo` for the demo)"
+        )
     try:
         return AutoProcessor.from_pretrained(name)
     except (OSError, ValueError) as exc:
@@ -65,8 +82,7 @@ def _init_worker(params_json: str, root: str, video_keys: dict) -> None:
     processor = load_processor(params)
     frames_dir = Path(root) / FRAMES
     store = FrameStore(frames_dir) if (frames_dir / "index.parquet").exists() else None
-    _renderer = SampleRenderer(processor, VisionArgs.for_processor(processor, params.dataset_config), store,
-                               video_keys)
+    _renderer = SampleRenderer(processor, VisionArgs.for_processor(processor, params.dataset_config), store, video_keys)
 
 
 def _render_chunk(chunk: list[tuple]) -> list[dict]:
@@ -103,11 +119,17 @@ def _read_inputs(root: Path, params: Params) -> tuple[list[dict], dict[str, dict
         for r in pq.read_table(root / FRAMES / "rejects.parquet").to_pylist():
             for sid in r["sample_ids"]:
                 excluded[sid] = {"reason": r["reason"], "detail": f"video {r['path']}: {r['detail']}"}
-        options = SamplingOptions.from_config(params.dataset_config,
-                                              family(params.dataset_config.processor_config.processor_type))
-        keys = {(m["sha256"], m["video_start"], m["video_end"]):
-                video_key(m["sha256"], options, m["video_start"], m["video_end"])
-                for s in samples for m in s["media"] if m["kind"] == "video"}
+        options = SamplingOptions.from_config(
+            params.dataset_config, family(params.dataset_config.processor_config.processor_type)
+        )
+        keys = {
+            (m["sha256"], m["video_start"], m["video_end"]): video_key(
+                m["sha256"], options, m["video_start"], m["video_end"]
+            )
+            for s in samples
+            for m in s["media"]
+            if m["kind"] == "video"
+        }
     return samples, excluded, keys
 
 
@@ -115,11 +137,15 @@ def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
     start = time.perf_counter()
     load_processor(params)  # fail fast, in this process, with a clear message
     samples, excluded, keys = _read_inputs(root, params)
-    rejects = [{"sample_id": s["sample_id"], "source": s["source"], "row": s["row"], **excluded[s["sample_id"]]}
-               for s in samples if s["sample_id"] in excluded]
+    rejects = [
+        {"sample_id": s["sample_id"], "source": s["source"], "row": s["row"], **excluded[s["sample_id"]]}
+        for s in samples
+        if s["sample_id"] in excluded
+    ]
     todo = [s for s in samples if s["sample_id"] not in excluded]
-    chunks = [[(s["sample_id"], s["messages"], s["media"]) for s in todo[i : i + CHUNK]]
-              for i in range(0, len(todo), CHUNK)]
+    chunks = [
+        [(s["sample_id"], s["messages"], s["media"]) for s in todo[i : i + CHUNK]] for i in range(0, len(todo), CHUNK)
+    ]
     workers = max(1, min(os.cpu_count() or 1, len(chunks)))
     init_args = (params.model_dump_json(by_alias=True), str(root.resolve()), keys)
     rows: list[dict] = []
@@ -127,8 +153,9 @@ def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
         _init_worker(*init_args)
         results = map(_render_chunk, chunks)
     else:
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
-                                   initializer=_init_worker, initargs=init_args)
+        pool = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_init_worker, initargs=init_args
+        )
         results = pool.map(_render_chunk, chunks)
     for chunk_rows in tqdm(results, total=len(chunks), desc="tokenize", unit="chunk", disable=None):
         rows.extend(chunk_rows)
@@ -139,23 +166,38 @@ def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
     overlong = [r for r in rows if len(r["input_ids"]) > cap]
     if overlong and not params.dataset_config.filter_overlong:
         listed = ", ".join(f"{r['sample_id']} ({len(r['input_ids'])} tokens)" for r in overlong[:20])
-        raise PipelineError(f"{len(overlong)} sample(s) longer than packing_length {cap} and filter_overlong is "
-                            f"false: {listed}{' ...' if len(overlong) > 20 else ''}")
+        raise PipelineError(
+            f"{len(overlong)} sample(s) longer than packing_length {cap} and filter_overlong is "
+            f"false: {listed}{' ...' if len(overlong) > 20 else ''}"
+        )
     for r in overlong:
         s = source_of[r["sample_id"]]
-        rejects.append({"sample_id": r["sample_id"], "source": s["source"], "row": s["row"], "reason": "overlong",
-                        "detail": f"{len(r['input_ids'])} tokens > packing_length {cap}"})
+        rejects.append(
+            {
+                "sample_id": r["sample_id"],
+                "source": s["source"],
+                "row": s["row"],
+                "reason": "overlong",
+                "detail": f"{len(r['input_ids'])} tokens > packing_length {cap}",
+            }
+        )
     kept = [r for r in rows if len(r["input_ids"]) <= cap]
     for r in kept:
         r["length"] = len(r["input_ids"])
         r["label_tokens"] = sum(1 for x in r["labels"] if x != -100)
     with atomic_dir(root / OUT_DIR) as tmp:
-        pq.write_table(pa.Table.from_pylist(kept, schema=TOKENIZED_SCHEMA), tmp / "samples.parquet",
-                       compression="zstd")
+        pq.write_table(pa.Table.from_pylist(kept, schema=TOKENIZED_SCHEMA), tmp / "samples.parquet", compression="zstd")
         pq.write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), tmp / "rejects.parquet")
     by_reason = dict(sorted(Counter(r["reason"] for r in rejects).items()))
-    result = TokenizeResult(len(samples), len(kept), len(rejects), by_reason, sum(r["length"] for r in kept),
-                            sum(r["label_tokens"] for r in kept), time.perf_counter() - start)
+    result = TokenizeResult(
+        len(samples),
+        len(kept),
+        len(rejects),
+        by_reason,
+        sum(r["length"] for r in kept),
+        sum(r["label_tokens"] for r in kept),
+        time.perf_counter() - start,
+    )
     if result.tokenized + result.rejected != result.input:
         raise AssertionError(f"tokenize lost samples: {result.input} != {result.tokenized} + {result.rejected}")
     write_json(root / METRICS, result.metrics())

@@ -93,4 +93,3 @@ class SampleRenderer:
             else:
                 i += 1
         return labels
-

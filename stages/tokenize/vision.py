@@ -29,13 +29,23 @@ class VisionArgs:
     @classmethod
     def for_processor(cls, processor, cfg: DatasetConfig) -> VisionArgs:
         ip = processor.image_processor
-        return cls(ip.patch_size, ip.merge_size, ip.temporal_patch_size,
-                   cfg.image_min_pixels or ip.size["shortest_edge"], cfg.image_max_pixels or ip.size["longest_edge"])
+        return cls(
+            ip.patch_size,
+            ip.merge_size,
+            ip.temporal_patch_size,
+            cfg.image_min_pixels or ip.size["shortest_edge"],
+            cfg.image_max_pixels or ip.size["longest_edge"],
+        )
 
     def image_grid(self, height: int, width: int) -> list[int]:
         """(t, h, w) patches of an image of this size: the image processor's own smart_resize."""
-        h, w = smart_resize(height, width, factor=self.patch_size * self.merge_size,
-                            min_pixels=self.image_min_pixels, max_pixels=self.image_max_pixels)
+        h, w = smart_resize(
+            height,
+            width,
+            factor=self.patch_size * self.merge_size,
+            min_pixels=self.image_min_pixels,
+            max_pixels=self.image_max_pixels,
+        )
         return [1, h // self.patch_size, w // self.patch_size]
 
     def video_grid(self, nframes: int, height: int, width: int) -> list[int]:
@@ -48,10 +58,19 @@ class VisionArgs:
     @staticmethod
     def videos_kwargs(videos: list[VideoFrames]) -> dict:
         """Frames are already sampled and resized: the video processor must do neither again."""
-        return {"do_resize": False, "do_sample_frames": False, "video_metadata": [video_metadata(v.info) for v in videos]}
+        return {
+            "do_resize": False,
+            "do_sample_frames": False,
+            "video_metadata": [video_metadata(v.info) for v in videos],
+        }
 
 
 def video_metadata(info: dict) -> VideoMetadata:
     """The metadata Qwen's processors need with pre-sampled frames, from a frame-index row."""
-    return VideoMetadata(total_num_frames=info["total_frames"], fps=info["video_fps"],
-                         frames_indices=list(info["frames_indices"]), height=info["height"], width=info["width"])
+    return VideoMetadata(
+        total_num_frames=info["total_frames"],
+        fps=info["video_fps"],
+        frames_indices=list(info["frames_indices"]),
+        height=info["height"],
+        width=info["width"],
+    )

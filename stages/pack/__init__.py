@@ -1,0 +1,97 @@
+"""The pack stage: group tokenized samples into fixed-capacity packs (one padding-free row each) for training.
+
+Recipe: read sample lengths -> pack them (algorithms.pack_lengths; or one sample per pack when packing is off)
+-> shuffle the pack order with the seed, so neighbouring packs are not all long or all short -> write
+data/packed/packs.parquet and metrics/pack.json atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.errors import StageInputError
+from schemas.params import Params
+from stages.io import atomic_dir, write_json
+from stages.pack.algorithms import assign_packs, pack_lengths
+
+__all__ = ["pack_lengths", "run", "PackResult"]
+
+TOKENIZED = Path("data/tokenized/samples.parquet")
+OUT_DIR = Path("data/packed")
+METRICS = Path("metrics/pack.json")
+PACKS_SCHEMA = pa.schema(
+    [
+        ("pack_id", pa.int64()),
+        ("sample_ids", pa.list_(pa.string())),
+        ("lengths", pa.list_(pa.int32())),
+        ("total", pa.int64()),
+    ]
+)
+
+
+@dataclass
+class PackResult:
+    samples: int
+    packs: int
+    tokens: int
+    capacity: int
+    efficiency: float
+    dropped_overlong: int
+    strategy: str
+    seconds: float
+
+    def metrics(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "seconds"}
+
+
+def run(params: Params, root: Path = Path(".")) -> PackResult:
+    start = time.perf_counter()
+    cfg = params.dataset_config
+    if not (root / TOKENIZED).is_file():
+        raise StageInputError(f"{root / TOKENIZED} not found: run `qvl tokenize` first")
+    table = pq.read_table(root / TOKENIZED, columns=["sample_id", "length"])
+    ids = np.array(table.column("sample_id").to_pylist(), dtype=object)
+    lengths = table.column("length").to_numpy().astype(np.int64)
+    fits = lengths <= cfg.packing_length
+    ids, lengths, dropped = ids[fits], lengths[fits], int((~fits).sum())
+    capacity = cfg.packing_length if cfg.packing else int(lengths.max(initial=1))
+    assigned = (
+        assign_packs(lengths, capacity, cfg.packing_strategy, cfg.seed) if cfg.packing else np.arange(len(lengths))
+    )
+    n_packs = int(assigned.max(initial=-1)) + 1
+    pack_order = np.random.default_rng(cfg.seed).permutation(n_packs)  # new position of each pack
+    order = np.lexsort((np.arange(len(assigned)), pack_order[assigned]))  # by new pack id, then input order
+    new_ids = pack_order[assigned][order]
+    bounds = np.flatnonzero(np.diff(new_ids)) + 1
+    groups = np.split(order, bounds) if len(order) else []
+    table = pa.table(
+        {
+            "pack_id": pa.array(np.arange(len(groups)), pa.int64()),
+            "sample_ids": pa.array([ids[g].tolist() for g in groups], pa.list_(pa.string())),
+            "lengths": pa.array([lengths[g].tolist() for g in groups], pa.list_(pa.int32())),
+            "total": pa.array([int(lengths[g].sum()) for g in groups], pa.int64()),
+        },
+        schema=PACKS_SCHEMA,
+    )
+    with atomic_dir(root / OUT_DIR) as tmp:
+        pq.write_table(table, tmp / "packs.parquet", compression="zstd")
+    tokens = int(lengths.sum())
+    efficiency = tokens / (len(groups) * cfg.packing_length) if groups else 0.0
+    result = PackResult(
+        len(lengths),
+        len(groups),
+        tokens,
+        cfg.packing_length,
+        round(efficiency, 6),
+        dropped,
+        cfg.packing_strategy if cfg.packing else "none",
+        time.perf_counter() - start,
+    )
+    write_json(root / METRICS, result.metrics())
+    return result
