@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -78,6 +79,7 @@ def _init_worker(params_json: str, root: str, video_keys: dict) -> None:
     from stages.tokenize.vision import VisionArgs
 
     global _renderer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker per core already
     params = Params.model_validate_json(params_json)
     processor = load_processor(params)
     frames_dir = Path(root) / FRAMES
@@ -85,8 +87,13 @@ def _init_worker(params_json: str, root: str, video_keys: dict) -> None:
     _renderer = SampleRenderer(processor, VisionArgs.for_processor(processor, params.dataset_config), store, video_keys)
 
 
-def _render_chunk(chunk: list[tuple]) -> list[dict]:
-    return [asdict(t) for t in _renderer.render(chunk)]
+def _render_chunk(chunk: list[tuple]) -> pa.Table:
+    """Runs in a worker: one chunk of samples as an Arrow table (cheap to send back, unlike Python lists)."""
+    rows = [asdict(t) for t in _renderer.render(chunk)]
+    for r in rows:
+        r["length"] = len(r["input_ids"])
+        r["label_tokens"] = sum(1 for x in r["labels"] if x != -100)
+    return pa.Table.from_pylist(rows, schema=TOKENIZED_SCHEMA)
 
 
 @dataclass
@@ -148,7 +155,6 @@ def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
     ]
     workers = max(1, min(os.cpu_count() or 1, len(chunks)))
     init_args = (params.model_dump_json(by_alias=True), str(root.resolve()), keys)
-    rows: list[dict] = []
     if workers == 1:  # a small dataset: worker start-up (seconds) would cost more than the work
         _init_worker(*init_args)
         results = map(_render_chunk, chunks)
@@ -157,19 +163,20 @@ def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
             workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_init_worker, initargs=init_args
         )
         results = pool.map(_render_chunk, chunks)
-    for chunk_rows in tqdm(results, total=len(chunks), desc="tokenize", unit="chunk", disable=None):
-        rows.extend(chunk_rows)
+    tables = list(tqdm(results, total=len(chunks), desc="tokenize", unit="chunk", disable=None))
     if workers > 1:
         pool.shutdown()
+    table = pa.concat_tables(tables) if tables else TOKENIZED_SCHEMA.empty_table()
     cap = params.dataset_config.packing_length
-    source_of = {s["sample_id"]: s for s in todo}
-    overlong = [r for r in rows if len(r["input_ids"]) > cap]
+    too_long = pc.greater(table.column("length"), cap)
+    overlong = table.filter(too_long).select(["sample_id", "length"]).to_pylist()
     if overlong and not params.dataset_config.filter_overlong:
-        listed = ", ".join(f"{r['sample_id']} ({len(r['input_ids'])} tokens)" for r in overlong[:20])
+        listed = ", ".join(f"{r['sample_id']} ({r['length']} tokens)" for r in overlong[:20])
         raise PipelineError(
             f"{len(overlong)} sample(s) longer than packing_length {cap} and filter_overlong is "
             f"false: {listed}{' ...' if len(overlong) > 20 else ''}"
         )
+    source_of = {s["sample_id"]: s for s in todo}
     for r in overlong:
         s = source_of[r["sample_id"]]
         rejects.append(
@@ -178,24 +185,21 @@ def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
                 "source": s["source"],
                 "row": s["row"],
                 "reason": "overlong",
-                "detail": f"{len(r['input_ids'])} tokens > packing_length {cap}",
+                "detail": f"{r['length']} tokens > packing_length {cap}",
             }
         )
-    kept = [r for r in rows if len(r["input_ids"]) <= cap]
-    for r in kept:
-        r["length"] = len(r["input_ids"])
-        r["label_tokens"] = sum(1 for x in r["labels"] if x != -100)
+    kept = table.filter(pc.invert(too_long))
     with atomic_dir(root / OUT_DIR) as tmp:
-        pq.write_table(pa.Table.from_pylist(kept, schema=TOKENIZED_SCHEMA), tmp / "samples.parquet", compression="zstd")
+        pq.write_table(kept, tmp / "samples.parquet", compression="zstd")
         pq.write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), tmp / "rejects.parquet")
     by_reason = dict(sorted(Counter(r["reason"] for r in rejects).items()))
     result = TokenizeResult(
         len(samples),
-        len(kept),
+        kept.num_rows,
         len(rejects),
         by_reason,
-        sum(r["length"] for r in kept),
-        sum(r["label_tokens"] for r in kept),
+        int(pc.sum(kept.column("length")).as_py() or 0),
+        int(pc.sum(kept.column("label_tokens")).as_py() or 0),
         time.perf_counter() - start,
     )
     if result.tokenized + result.rejected != result.input:
