@@ -72,6 +72,12 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from stages.train import run
+
+    return run(args.params)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from stages.demo import write_demo
 
@@ -122,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("decode", "decode every video of the accepted samples once into lossless frame shards", cmd_decode),
         ("tokenize", "render and tokenise every accepted sample with the real Qwen processor", cmd_tokenize),
         ("pack", "pack tokenized samples into fixed-capacity packs (first-fit family)", cmd_pack),
+        (
+            "train",
+            "train with torchrun (FSDP2, padding-free packed rows), checkpoint, export to Hugging Face",
+            cmd_train,
+        ),
         ("demo", "write the demo dataset (images, videos, chat rows with known bad rows) to DIR", cmd_demo),
         (
             "make-tiny-model",
@@ -134,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, fn in commands:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(fn=fn)
-        if name in ("validate", "decode", "tokenize", "pack"):
+        if name in ("validate", "decode", "tokenize", "pack", "train"):
             _params_arg(p)
         elif name == "demo":
             p.add_argument("dir", help="output directory (replaced atomically)")

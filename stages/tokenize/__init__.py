@@ -142,7 +142,7 @@ def _read_inputs(root: Path, params: Params) -> tuple[list[dict], dict[str, dict
 
 def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
     start = time.perf_counter()
-    load_processor(params)  # fail fast, in this process, with a clear message
+    vocab_size = len(load_processor(params).tokenizer)  # fail fast, in this process, with a clear message
     samples, excluded, keys = _read_inputs(root, params)
     rejects = [
         {"sample_id": s["sample_id"], "source": s["source"], "row": s["row"], **excluded[s["sample_id"]]}
@@ -190,7 +190,8 @@ def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
         )
     kept = table.filter(pc.invert(too_long))
     with atomic_dir(root / OUT_DIR) as tmp:
-        pq.write_table(kept, tmp / "samples.parquet", compression="zstd")
+        vocab = {b"tokenizer_vocab_size": str(vocab_size).encode()}
+        pq.write_table(kept.replace_schema_metadata(vocab), tmp / "samples.parquet", compression="zstd")
         pq.write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), tmp / "rejects.parquet")
     by_reason = dict(sorted(Counter(r["reason"] for r in rejects).items()))
     result = TokenizeResult(

@@ -1,0 +1,133 @@
+"""The train stage: check the inputs, then launch `torchrun` with one worker per rank and stream its output.
+
+`qvl train` runs `python -m torch.distributed.run ... -m stages.train.worker` in its own process group, so an
+interrupt or a failure stops every rank (Prefect cancellation included); exit status is torchrun's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from schemas.errors import ConfigError, StageInputError
+from schemas.params import Params, load_params
+from stages.families import family
+
+PACKS = Path("data/packed/packs.parquet")
+TOKENIZED = Path("data/tokenized/samples.parquet")
+
+
+def nproc_per_node(params: Params) -> int:
+    if params.trainer_args.nproc_per_node:
+        return params.trainer_args.nproc_per_node
+    import torch
+
+    return torch.cuda.device_count() or 1
+
+
+def preflight(params: Params, root: Path, world: int) -> None:
+    """Every input problem as one clear error, before any process starts."""
+    model_dir = root / params.model_config_.load_from_pretrained_path
+    if not (model_dir / "config.json").is_file():
+        raise StageInputError(
+            f"model directory not found or has no config.json: {model_dir} (model_config.load_from_pretrained_path)"
+        )
+    config = json.loads((model_dir / "config.json").read_text())
+    fam = family(params.dataset_config.processor_config.processor_type)
+    if fam.model_class not in (config.get("architectures") or [fam.model_class]):
+        raise ConfigError(
+            f"{model_dir} holds {config.get('architectures')}, but processor_type "
+            f"{fam.processor_type!r} expects {fam.model_class}"
+        )
+    for path in (PACKS, TOKENIZED):
+        if not (root / path).is_file():
+            raise StageInputError(f"{root / path} not found: run `qvl tokenize` and `qvl pack` first")
+    tokenized = pq.read_table(root / TOKENIZED, columns=["sample_id", "input_ids", "video_keys"])
+    vocab = (config.get("text_config") or config).get("vocab_size")
+    ids = tokenized.column("input_ids").combine_chunks().flatten()
+    if vocab and len(ids) and int(ids.to_numpy().max()) >= vocab:
+        raise StageInputError(
+            f"tokenized data holds token id {int(ids.to_numpy().max())} but the model's vocabulary "
+            f"has {vocab}: the processor does not match the tokenized data; re-run tokenize"
+        )
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(params.dataset_config.processor_config.processor_name)
+    meta = pq.read_schema(root / TOKENIZED).metadata or {}
+    expected = meta.get(b"tokenizer_vocab_size")
+    if expected and int(expected) != len(tokenizer):
+        raise StageInputError(
+            f"the processor's tokenizer has {len(tokenizer)} tokens but the data was tokenized "
+            f"with {int(expected)}: re-run tokenize with this processor"
+        )
+    known = set(tokenized.column("sample_id").to_pylist())
+    packs = pq.read_table(root / PACKS).to_pylist()
+    missing = [s for p in packs for s in p["sample_ids"] if s not in known]
+    if missing:
+        raise StageInputError(
+            f"{len(missing)} sample(s) in the packs are not in the tokenized data (e.g. "
+            f"{missing[0]}): re-run pack after tokenize"
+        )
+    videos = {k for ks in tokenized.column("video_keys").to_pylist() for k in ks}
+    if videos:
+        index = root / "data/frames/index.parquet"
+        present = set(pq.read_table(index, columns=["video_key"]).column(0).to_pylist()) if index.is_file() else set()
+        if videos - present:
+            raise StageInputError(
+                f"{len(videos - present)} video(s) of the tokenized data are missing from data/frames: re-run decode"
+            )
+    args = params.trainer_args
+    if len(packs) < world * args.per_device_train_batch_size:
+        raise ConfigError(
+            f"{len(packs)} pack(s) cannot feed {world} rank(s) x per_device_train_batch_size "
+            f"{args.per_device_train_batch_size}; use fewer processes or a smaller packing_length"
+        )
+    if args.sp_ulysses_degree > 1:
+        raise ConfigError("sp_ulysses_degree > 1 is not available yet (sequence parallelism is a later issue)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(params: Params, params_path: str, nproc: int) -> list[str]:
+    args = params.trainer_args
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={args.nnodes}"]
+    rdzv = os.environ.get("QVL_RDZV_ENDPOINT")
+    if args.nnodes > 1 or rdzv:
+        cmd += [
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={rdzv or 'localhost:29400'}",
+            f"--rdzv_id={os.environ.get('QVL_RDZV_ID', args.run_name)}",
+        ]
+    else:
+        cmd += ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    return cmd + ["-m", "stages.train.worker", "--params", params_path]
+
+
+def run(params_path: str, root: Path = Path(".")) -> int:
+    params = load_params(params_path)
+    nproc = nproc_per_node(params)
+    preflight(params, root, nproc * params.trainer_args.nnodes)
+    cmd = torchrun_command(params, params_path, nproc)
+    print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True)
+    try:
+        return proc.wait()
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise

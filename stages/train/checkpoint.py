@@ -1,0 +1,112 @@
+"""Sharded, resumable checkpoints (torch.distributed.checkpoint) and the consolidated Hugging Face export.
+
+A checkpoint is written into `.checkpoint-<step>.tmp/` by every rank and renamed to `checkpoint-<step>/` by
+rank 0 once all ranks are done: a directory without the `.tmp` suffix is always complete. DCP reshards on load,
+so a run resumes on a different number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+STATE_FILE = "trainer_state.json"
+NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := NAME.match(p.name)) and (p / STATE_FILE).exists()]
+    return [p for _, p in sorted(found)]
+
+
+def _rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict, keep: int | None) -> Path:
+    rank = dist.get_rank()
+    tmp, final = run_dir / f".checkpoint-{step}.tmp", run_dir / f"checkpoint-{step}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
+    if rank == 0:
+        state = {
+            **trainer_state,
+            "step": step,
+            "scheduler": scheduler.state_dict(),
+            "world_size": dist.get_world_size(),
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        if keep:
+            for old in complete_checkpoints(run_dir)[:-keep]:  # the newest complete one is never deleted
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and (same world size) RNG; returns the trainer state."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer_state = json.loads((path / STATE_FILE).read_text())
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    rng_file = path / f"rng-rank{dist.get_rank()}.pt"
+    if trainer_state["world_size"] == dist.get_world_size() and rng_file.exists():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return trainer_state
+
+
+def export_hf(model, model_class: type, config, processor, out_dir: Path) -> None:
+    """Consolidate the sharded weights on rank 0 and write a from_pretrained-loadable directory atomically."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        tmp = out_dir.parent / f".{out_dir.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        fresh = model_class._from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(full)
+        fresh.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.rename(tmp, out_dir)
+    dist.barrier()

@@ -1,0 +1,227 @@
+"""Packs -> padding-free training rows, and the stateful loader that gives each rank its packs.
+
+A pack becomes one row: the samples' input_ids concatenated; targets shifted inside each sample (so no label
+crosses a sample boundary); position_ids (4, 1, L): row 0 restarts at 0 for each sample (transformers builds a
+block-diagonal causal mask from it), rows 1-3 are the M-RoPE positions the model's own get_rope_index gives for
+each sample alone; pixels from the processor's image and video processors (videos from the frame shards).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from stages.decode.shards import FrameStore
+from stages.tokenize.vision import VisionArgs
+
+IGNORE = -100
+
+
+@dataclass
+class Row:
+    """One padding-free micro-batch row (batch dimension 1)."""
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    position_ids: torch.Tensor
+    label_tokens: int
+    pack_ids: list[int]
+    vision: dict = field(default_factory=dict)  # pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+    def seq_lengths(self) -> list[int]:
+        starts = (self.position_ids[0, 0] == 0).nonzero().flatten().tolist() + [self.tokens]
+        return [b - a for a, b in zip(starts, starts[1:], strict=False)]
+
+
+class RowBuilder:
+    """Builds rows from pack ids; holds the tokenized samples, the frame store and a meta-device rope model."""
+
+    def __init__(self, root: Path, processor, vision: VisionArgs, model_class: type, config):
+        self.root = root
+        self.processor = processor
+        self.vision = vision
+        table = pq.read_table(root / "data/tokenized/samples.parquet").to_pylist()
+        self.samples = {s["sample_id"]: s for s in table}
+        packs = pq.read_table(root / "data/packed/packs.parquet").to_pylist()
+        self.packs = {p["pack_id"]: p["sample_ids"] for p in packs}
+        frames = root / "data/frames"
+        self.frames = FrameStore(frames) if (frames / "index.parquet").exists() else None
+        with torch.device("meta"):  # get_rope_index reads only the config: no weights needed
+            self.rope_model = model_class._from_config(config).model
+        self.image_token = config.image_token_id
+        self.video_token = config.video_token_id
+        self.dummies = {kind: self._dummy(kind) for kind in ("image", "video")}
+
+    def _dummy(self, kind: str) -> dict:
+        """A tiny label-free image or video segment. FSDP2 needs every rank to run the vision tower the same
+        number of times per step (once for images, once for videos), so a row without images or videos gets
+        one of these; being its own packed segment with no labels, it changes no real token's output or loss."""
+        from transformers.video_utils import VideoMetadata
+
+        side = self.vision.patch_size * self.vision.merge_size
+        text = self.processor.apply_chat_template([{"role": "user", "content": [{"type": kind}]}], tokenize=False)
+        if kind == "image":
+            out = self.processor(
+                text=[text],
+                images=[np.zeros((side, side, 3), np.uint8)],
+                return_tensors="pt",
+                images_kwargs=self.vision.images_kwargs(),
+            )
+            vision = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+            sample = {"image_grid_thw": out["image_grid_thw"].tolist(), "video_grid_thw": [], "second_per_grid_ts": []}
+        else:
+            frames = np.zeros((self.vision.temporal_patch_size, side, side, 3), np.uint8)
+            meta = VideoMetadata(total_num_frames=len(frames), fps=2.0, frames_indices=list(range(len(frames))))
+            out = self.processor(
+                text=[text],
+                videos=[frames],
+                return_tensors="pt",
+                videos_kwargs={"do_resize": False, "do_sample_frames": False, "video_metadata": [meta]},
+            )
+            vision = {"pixel_values_videos": out["pixel_values_videos"], "video_grid_thw": out["video_grid_thw"]}
+            seconds = out["second_per_grid_ts"] if "second_per_grid_ts" in out else []
+            sample = {
+                "image_grid_thw": [],
+                "video_grid_thw": out["video_grid_thw"].tolist(),
+                "second_per_grid_ts": list(map(float, seconds)),
+            }
+        ids = out["input_ids"]
+        positions = torch.cat([torch.arange(ids.shape[1]).view(1, 1, -1), self._rope(sample, ids)], dim=0)
+        return {"ids": ids, "positions": positions, "vision": vision}
+
+    def _rope(self, sample: dict, ids: torch.Tensor) -> torch.Tensor:
+        if not sample["image_grid_thw"] and not sample["video_grid_thw"]:
+            return torch.arange(ids.shape[1]).expand(3, 1, -1)
+        mm_types = (ids == self.image_token).int() + 2 * (ids == self.video_token).int()
+        grids = {
+            k: torch.tensor(sample[k], dtype=torch.long) if sample[k] else None
+            for k in ("image_grid_thw", "video_grid_thw")
+        }
+        seconds = torch.tensor(sample["second_per_grid_ts"]) if sample["second_per_grid_ts"] else None
+        positions, _ = self.rope_model.get_rope_index(
+            ids, mm_types, grids["image_grid_thw"], grids["video_grid_thw"], second_per_grid_ts=seconds
+        )
+        return positions
+
+    def build(self, pack_ids: list[int], dummy: bool = False) -> Row:
+        """Concatenate the packs' samples into one row; ``dummy`` rows carry no labels (idle ranks)."""
+        ids_parts, target_parts, pos_parts, images, videos = [], [], [], [], []
+        image_grids, video_grids = [], []
+        for pack_id in pack_ids:
+            for sample_id in self.packs[pack_id]:
+                s = self.samples[sample_id]
+                ids = torch.tensor([s["input_ids"]], dtype=torch.long)
+                labels = s["labels"][1:] + [IGNORE]
+                target_parts.append(torch.tensor([labels], dtype=torch.long))
+                ids_parts.append(ids)
+                text_pos = torch.arange(ids.shape[1]).view(1, 1, -1)
+                pos_parts.append(torch.cat([text_pos, self._rope(s, ids)], dim=0))
+                images += [Image.open(self.root / p).convert("RGB") for p in s["image_paths"]]
+                videos += [self.frames.get(k) for k in s["video_keys"]]
+                image_grids += s["image_grid_thw"]
+                video_grids += s["video_grid_thw"]
+        for kind, present in (("image", images), ("video", videos)):
+            if not present:
+                segment = self.dummies[kind]
+                ids_parts.append(segment["ids"])
+                target_parts.append(torch.full_like(segment["ids"], IGNORE))
+                pos_parts.append(segment["positions"])
+        targets = torch.cat(target_parts, dim=1)
+        if dummy:
+            targets.fill_(IGNORE)
+        vision = {}
+        if images:
+            out = self.processor.image_processor(images=images, return_tensors="pt", **self.vision.images_kwargs())
+            vision["pixel_values"], vision["image_grid_thw"] = out["pixel_values"], out["image_grid_thw"]
+            if out["image_grid_thw"].tolist() != image_grids:
+                raise ValueError(f"packs {pack_ids}: image grids differ from the tokenized data; re-run tokenize")
+        if videos:
+            kwargs = self.vision.videos_kwargs(videos)
+            out = self.processor.video_processor(videos=[v.frames for v in videos], return_tensors="pt", **kwargs)
+            vision["pixel_values_videos"], vision["video_grid_thw"] = out["pixel_values_videos"], out["video_grid_thw"]
+            if out["video_grid_thw"].tolist() != video_grids:
+                raise ValueError(f"packs {pack_ids}: video grids differ from the tokenized data; re-run tokenize")
+        for kind, present in (("image", images), ("video", videos)):
+            if not present:
+                vision.update(self.dummies[kind]["vision"])
+        return Row(
+            torch.cat(ids_parts, dim=1),
+            targets,
+            torch.cat(pos_parts, dim=2),
+            int((targets != IGNORE).sum()),
+            list(pack_ids),
+            vision,
+        )
+
+
+@dataclass
+class LoaderState:
+    """Where the loader is: rank-independent, so a restart on another world size continues at the same pack."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0  # global batches already consumed in this epoch
+
+
+def epoch_order(pack_ids: list[int], epoch: int, seed: int) -> list[int]:
+    """Epoch 0 keeps the pack stage's (seeded, shuffled) order; later epochs reshuffle with seed + epoch."""
+    if epoch == 0:
+        return list(pack_ids)
+    return [pack_ids[i] for i in np.random.default_rng(seed + epoch).permutation(len(pack_ids))]
+
+
+def rank_micro_batches(
+    order: list[int], step: int, world: int, rank: int, per_device: int, accumulation: int
+) -> list[tuple[list[int], bool]]:
+    """This rank's micro-batches for global step ``step``: (pack ids, is_dummy) x accumulation.
+
+    The global batch is the next world x per_device x accumulation packs; a short last batch gives idle ranks a
+    label-free copy of a real pack, so collectives stay in step and every sample is seen exactly once.
+    """
+    global_batch = world * per_device * accumulation
+    chunk = order[step * global_batch : (step + 1) * global_batch]
+    micro = []
+    for a in range(accumulation):
+        start = (a * world + rank) * per_device
+        ids = chunk[start : start + per_device]
+        micro.append((ids, False) if ids else ([order[0]], True))
+    return micro
+
+
+class PrefetchLoader:
+    """Builds this rank's rows in background worker processes (DataLoader), in order, from a LoaderState."""
+
+    def __init__(self, builder: RowBuilder, plan: list[tuple[list[int], bool]], workers: int):
+        self.dataset = _PlanDataset(builder, plan)
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=None,
+            shuffle=False,
+            num_workers=workers,
+            multiprocessing_context="forkserver" if workers else None,
+            persistent_workers=False,
+        )
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+class _PlanDataset(torch.utils.data.Dataset):
+    def __init__(self, builder: RowBuilder, plan: list[tuple[list[int], bool]]):
+        self.builder = builder
+        self.plan = plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> Row:
+        ids, dummy = self.plan[i]
+        return self.builder.build(ids, dummy)

@@ -1,0 +1,98 @@
+"""Load the model, choose the padding-free attention path, freeze modules, wrap with FSDP2."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from schemas.errors import ConfigError
+from schemas.params import Params
+from stages.families import ModelFamily
+
+
+def choose_attention(requested: str, device: torch.device) -> tuple[str, str]:
+    """(attn_implementation, the reason, for the log line)."""
+    if requested != "auto":
+        return requested, "as configured"
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2", "flash-attn is installed"
+    return "sdpa", (
+        "packed position_ids give sdpa a block-diagonal causal mask (padding-free, exact); flash-attn is not installed"
+    )
+
+
+def load_model(params: Params, fam: ModelFamily, device: torch.device, attention: str):
+    cls = fam.transformers_class(fam.model_class)
+    model = cls.from_pretrained(
+        params.model_config_.load_from_pretrained_path, attn_implementation=attention, dtype=torch.float32
+    )
+    model.config.use_cache = False  # a cache skips the packed mask silently (DESIGN.md)
+    if params.trainer_args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(device)
+
+
+def matches(name: str, prefix: str) -> bool:
+    """`visual` matches `model.visual.*` and `visual.*`; `model.language_model` matches itself."""
+    return any(name == p or name.startswith(p + ".") for p in (prefix, f"model.{prefix}"))
+
+
+def freeze(model, prefixes: list[str]) -> None:
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(matches(n, prefix) for n in names):
+            raise ConfigError(
+                f"trainer_args.freeze_modules: {prefix!r} matches no parameter of the model "
+                f"(top-level modules: {sorted({n.split('.')[0] + '.' + n.split('.')[1] for n in names})})"
+            )
+    for name, p in model.named_parameters():
+        if any(matches(name, prefix) for prefix in prefixes):
+            p.requires_grad_(False)
+
+
+def trainable_summary(model, fam: ModelFamily) -> list[str]:
+    """Which vision blocks, merger, embeddings and decoder layers train (printed at start)."""
+    groups: dict[str, list[bool]] = {}
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if name.startswith(fam.merger_prefix):
+            key = "vision merger"
+        elif name.startswith(fam.vision_tower_prefix + ".blocks."):
+            key = f"vision block {parts[3]}"
+        elif name.startswith(fam.vision_tower_prefix):
+            key = "vision patch embedding"
+        elif ".embed_tokens." in name or name.startswith("lm_head"):
+            key = "token embeddings / lm_head"
+        elif ".layers." in name:
+            key = f"decoder layer {parts[parts.index('layers') + 1]}"
+        else:
+            key = "final norm and other"
+        groups.setdefault(key, []).append(p.requires_grad)
+    return [f"{k}: {'trains' if all(v) else 'frozen' if not any(v) else 'partly frozen'}" for k, v in groups.items()]
+
+
+def wrap_fsdp2(model, params: Params, fam: ModelFamily, mixed_precision: bool) -> None:
+    """fully_shard every module of the wrap classes (default: decoder layer and vision block), then the root."""
+    names = params.trainer_args.fsdp_config.transformer_layer_cls_to_wrap or [
+        fam.decoder_layer_class,
+        fam.vision_block_class,
+    ]
+    present = {type(m).__name__ for m in model.modules()}
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise ConfigError(
+            f"fsdp_config.transformer_layer_cls_to_wrap names no module of this model: {missing}; "
+            f"the model has {fam.decoder_layer_class} and {fam.vision_block_class}"
+        )
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_precision
+        else MixedPrecisionPolicy()
+    )
+    reshard = params.trainer_args.fsdp_config.reshard_after_forward
+    for module in model.modules():
+        if type(module).__name__ in names:
+            fully_shard(module, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard)

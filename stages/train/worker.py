@@ -1,0 +1,208 @@
+"""The training loop, one process per rank (started by torchrun; see stages/train/__init__.py).
+
+Read top to bottom: set up -> model -> optimizer -> data -> resume -> for each step: micro-batches, loss over
+the global batch's label tokens, backward, clip, step -> checkpoints -> Hugging Face export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from schemas.errors import PipelineError
+from schemas.params import load_params
+from stages.families import family
+from stages.train import checkpoint
+from stages.train.data import LoaderState, PrefetchLoader, RowBuilder, epoch_order, rank_micro_batches
+from stages.train.model import choose_attention, freeze, load_model, trainable_summary, wrap_fsdp2
+from stages.train.optim import build_optimizer, build_scheduler
+from stages.train.telemetry import parameter_counts, peak_flops, step_flops, write_outputs
+
+
+def log(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def token_loss_sum(model, row, device) -> torch.Tensor:
+    """Sum of cross-entropy over the row's label tokens; only those positions go through lm_head."""
+    keep = (row.targets[0] != -100).nonzero().flatten().to(device)
+    vision = {k: v.to(device) for k, v in row.vision.items()}
+    out = model(
+        input_ids=row.input_ids.to(device),
+        position_ids=row.position_ids.to(device),
+        use_cache=False,
+        logits_to_keep=keep,
+        **vision,
+    )
+    return F.cross_entropy(out.logits[0].float(), row.targets[0, keep.cpu()].to(device), reduction="sum")
+
+
+def train(params_path: str) -> None:
+    params = load_params(params_path)
+    args, cfg = params.trainer_args, params.dataset_config
+    root = Path.cwd()
+    fam = family(cfg.processor_config.processor_type)
+    device = (
+        torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}") if torch.cuda.is_available() else torch.device("cpu")
+    )
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(args.seed + rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+
+    # Model
+    attention, why = choose_attention(params.model_config_.attn_implementation, device)
+    log(f"attention: {attention} ({why}); device {device.type}, world size {world}")
+    if args.use_liger_kernel and device.type != "cuda":
+        log("use_liger_kernel: ignored on CPU (Liger kernels need a GPU)")
+    model = load_model(params, fam, device, attention)
+    freeze(model, args.freeze_modules)
+    for line in trainable_summary(model, fam):
+        log(f"  {line}")
+    lm_params, vision_params = parameter_counts(model, fam.vision_tower_prefix)
+    wrap_fsdp2(model, params, fam, mixed_precision=args.bf16 and device.type == "cuda")
+
+    # Data and schedule
+    from transformers import AutoProcessor
+
+    from stages.tokenize.vision import VisionArgs
+
+    processor = AutoProcessor.from_pretrained(cfg.processor_config.processor_name)
+    builder = RowBuilder(
+        root, processor, VisionArgs.for_processor(processor, cfg), fam.transformers_class(fam.model_class), model.config
+    )
+    pack_ids = sorted(builder.packs)
+    global_batch = world * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(pack_ids) / global_batch)
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
+    optimizer = build_optimizer(model, args, fam)
+    scheduler = build_scheduler(optimizer, args, total_steps)
+    for group in optimizer.param_groups:
+        log(
+            f"  lr group {group['name']}: lr {group['initial_lr']:g}, weight decay {group['weight_decay']:g}, "
+            f"{sum(p.numel() for p in group['params']):,} parameters"
+        )
+
+    # Resume from the newest complete checkpoint, if any
+    run_dir = root / args.output_dir / args.run_name
+    state, history, step = LoaderState(), [], 0
+    if existing := checkpoint.complete_checkpoints(run_dir):
+        saved = checkpoint.load(existing[-1], model, optimizer, scheduler)
+        state, history, step = LoaderState(**saved["loader"]), saved["history"], saved["step"]
+        log(f"resumed from {existing[-1]} at step {step} (epoch {state.epoch}, batch {state.step_in_epoch})")
+
+    peak = peak_flops(device)
+    progress = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0 or None)
+    while step < total_steps:
+        order = epoch_order(pack_ids, state.epoch, cfg.seed)
+        plan = [
+            mb
+            for s in range(state.step_in_epoch, steps_per_epoch)
+            for mb in rank_micro_batches(
+                order, s, world, rank, args.per_device_train_batch_size, args.gradient_accumulation_steps
+            )
+        ]
+        rows = iter(PrefetchLoader(builder, plan, args.dataloader_num_workers))
+        while state.step_in_epoch < steps_per_epoch and step < total_steps:
+            started = time.perf_counter()
+            micro = [next(rows) for _ in range(args.gradient_accumulation_steps)]
+            counts = torch.tensor(
+                [sum(r.label_tokens for r in micro), sum(r.tokens for r in micro)], dtype=torch.float64
+            )
+            dist.all_reduce(counts)
+            label_tokens, tokens = int(counts[0]), int(counts[1])
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for row in micro:
+                row_loss = token_loss_sum(model, row, device)
+                # FSDP averages gradients over ranks: scale by world so the result is sum / global label tokens.
+                (row_loss * world / max(label_tokens, 1)).backward()
+                loss_sum += row_loss.detach().double().cpu()
+            dist.all_reduce(loss_sum)
+            loss = float(loss_sum) / max(label_tokens, 1)
+            if not math.isfinite(loss):
+                packs = [r.pack_ids for r in micro]
+                raise PipelineError(
+                    f"non-finite loss {loss} at step {step + 1} (rank {rank} packs {packs}); "
+                    "stopping, the last good checkpoint is kept"
+                )
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            state.step_in_epoch += 1
+            seconds = time.perf_counter() - started
+            seqs = [n for r in micro for n in r.seq_lengths()]
+            patches = sum(int(g.prod(-1).sum()) for r in micro for k, g in r.vision.items() if k.endswith("grid_thw"))
+            lm_flops, vis_flops = step_flops(lm_params, vision_params, model.config.text_config, seqs, patches)
+            history.append(
+                {
+                    "step": step,
+                    "loss": loss,
+                    "lr": lr,
+                    "tokens": tokens,
+                    "label_tokens": label_tokens,
+                    "seconds": seconds,
+                    "lm_flops": lm_flops * world,
+                    "vision_flops": vis_flops * world,
+                }
+            )
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
+            log(f"step {step}/{total_steps} loss {loss:.6f} lr {lr:.3e} tokens/s {tokens / seconds:.0f}")
+            if step % args.save_steps == 0 or step == total_steps:
+                trainer_state = {"loader": vars(state), "history": history}
+                checkpoint.save(run_dir, step, model, optimizer, scheduler, trainer_state, args.save_total_limit)
+                if rank == 0:
+                    write_outputs(root, history, summarize(history, peak, device))
+        if state.step_in_epoch >= steps_per_epoch:
+            state = LoaderState(state.epoch + 1, 0)
+    progress.close()
+    checkpoint.export_hf(model, fam.transformers_class(fam.model_class), model.config, processor, run_dir / "hf")
+    log(f"exported {run_dir / 'hf'}")
+    dist.destroy_process_group()
+
+
+def summarize(history: list[dict], peak: float | None, device: torch.device) -> dict:
+    seconds = sum(h["seconds"] for h in history) or 1e-9
+    lm = sum(h["lm_flops"] for h in history)
+    vis = sum(h["vision_flops"] for h in history)
+    world = dist.get_world_size()
+    return {
+        "final_loss": history[-1]["loss"],
+        "steps": history[-1]["step"],
+        "tokens_per_s": sum(h["tokens"] for h in history) / seconds,
+        "label_tokens_per_s": sum(h["label_tokens"] for h in history) / seconds,
+        "mfu": lm / (seconds * peak * world) if peak else None,
+        "mfu_with_vision": (lm + vis) / (seconds * peak * world) if peak else None,
+        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="one rank of `qvl train` (start it through torchrun)")
+    ap.add_argument("--params", default="params.yaml")
+    try:
+        train(ap.parse_args().params)
+    except PipelineError as exc:
+        print(f"qvl train (rank {os.environ.get('RANK', '?')}): error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
