@@ -88,7 +88,7 @@ class RowBuilder:
                 videos_kwargs={"do_resize": False, "do_sample_frames": False, "video_metadata": [meta]},
             )
             vision = {"pixel_values_videos": out["pixel_values_videos"], "video_grid_thw": out["video_grid_thw"]}
-            seconds = out["second_per_grid_ts"] if "second_per_grid_ts" in out else []
+            seconds = out.get("second_per_grid_ts", [])
             sample = {
                 "image_grid_thw": [],
                 "video_grid_thw": out["video_grid_thw"].tolist(),

@@ -114,8 +114,9 @@ def test_frames_equal_qwen_vl_utils_fetch_video(video_project, family_name, opti
         ref, meta = qvu.fetch_video(ele, image_patch_size=family(family_name).patch_size, return_video_metadata=True)
         ref = ref.permute(0, 2, 3, 1).numpy()
         assert mine.frames.shape == ref.shape, name
-        assert mine.frames_indices == list(meta["frames_indices"]), name
-        assert mine.total_frames == meta["total_num_frames"] and mine.video_fps == pytest.approx(meta["fps"])
+        assert mine.info["frames_indices"] == list(meta["frames_indices"]), name
+        assert mine.info["total_frames"] == meta["total_num_frames"]
+        assert mine.info["video_fps"] == pytest.approx(meta["fps"])
         assert np.abs(mine.frames.astype(np.float64) - ref).mean() <= 1.0, name
         assert mine.frames.shape[0] % 2 == 0  # an even count: the temporal patch reshape never breaks
 
