@@ -46,6 +46,14 @@ def preflight(params: Params, root: Path, world: int) -> None:
             f"{model_dir} holds {config.get('architectures')}, but processor_type "
             f"{fam.processor_type!r} expects {fam.model_class}"
         )
+    import torch
+    from transformers import AutoConfig
+
+    from stages.train.model import wrap_classes
+
+    with torch.device("meta"):  # the architecture only, no weights: checks the FSDP wrap classes
+        architecture = fam.transformers_class(fam.model_class)._from_config(AutoConfig.from_pretrained(model_dir))
+    wrap_classes(architecture, params, fam)
     for path in (PACKS, TOKENIZED):
         if not (root / path).is_file():
             raise StageInputError(f"{root / path} not found: run `qvl tokenize` and `qvl pack` first")

@@ -73,8 +73,8 @@ def trainable_summary(model, fam: ModelFamily) -> list[str]:
     return [f"{k}: {'trains' if all(v) else 'frozen' if not any(v) else 'partly frozen'}" for k, v in groups.items()]
 
 
-def wrap_fsdp2(model, params: Params, fam: ModelFamily, mixed_precision: bool) -> None:
-    """fully_shard every module of the wrap classes (default: decoder layer and vision block), then the root."""
+def wrap_classes(model, params: Params, fam: ModelFamily) -> list[str]:
+    """The classes to shard on their own (default: decoder layer and vision block); checked against ``model``."""
     names = params.trainer_args.fsdp_config.transformer_layer_cls_to_wrap or [
         fam.decoder_layer_class,
         fam.vision_block_class,
@@ -86,6 +86,12 @@ def wrap_fsdp2(model, params: Params, fam: ModelFamily, mixed_precision: bool) -
             f"fsdp_config.transformer_layer_cls_to_wrap names no module of this model: {missing}; "
             f"the model has {fam.decoder_layer_class} and {fam.vision_block_class}"
         )
+    return names
+
+
+def wrap_fsdp2(model, params: Params, fam: ModelFamily, mixed_precision: bool) -> None:
+    """fully_shard every module of the wrap classes, then the root."""
+    names = wrap_classes(model, params, fam)
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if mixed_precision

@@ -1,0 +1,154 @@
+"""Train-stage pieces in one process: packed rows are exact, optimizer groups, freezing, preflight errors."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoProcessor
+
+from schemas.errors import ConfigError, StageInputError
+from stages.families import family
+from stages.tokenize.vision import VisionArgs
+from stages.train import preflight
+from stages.train.data import RowBuilder, rank_micro_batches
+from stages.train.model import freeze, trainable_summary
+from stages.train.optim import build_optimizer
+from stages.train.worker import token_loss_sum
+from tests.conftest import pipeline_params
+
+
+def load(project):
+    root, family_name, model_dir = project
+    fam = family(family_name)
+    params = pipeline_params(model_dir, family_name)
+    model = fam.transformers_class(fam.model_class).from_pretrained(
+        model_dir, attn_implementation="sdpa", dtype=torch.float32
+    )
+    processor = AutoProcessor.from_pretrained(model_dir)
+    builder = RowBuilder(
+        root,
+        processor,
+        VisionArgs.for_processor(processor, params.dataset_config),
+        fam.transformers_class(fam.model_class),
+        model.config,
+    )
+    return root, fam, params, model, builder
+
+
+def loss_and_grads(model, row):
+    model.zero_grad(set_to_none=True)
+    loss = token_loss_sum(model, row, torch.device("cpu"))
+    loss.backward()
+    return loss.detach().double(), {
+        n: p.grad.double().clone() for n, p in model.named_parameters() if p.grad is not None
+    }
+
+
+def test_packed_row_equals_its_samples_alone(packed_project):
+    """The test that catches attention or rope leaking across packed samples (fp32, relative error < 1e-5)."""
+    root, fam, _, model, builder = load(packed_project)
+    pack_id = max(builder.packs, key=lambda p: len(builder.packs[p]))  # the pack with the most samples
+    sample_ids = builder.packs[pack_id]
+    assert len(sample_ids) >= 3
+    packed_loss, packed_grads = loss_and_grads(model, builder.build([pack_id]))
+    total_loss, total_grads = torch.zeros((), dtype=torch.float64), {}
+    for i, sample_id in enumerate(sample_ids):
+        builder.packs[-1 - i] = [sample_id]  # a one-sample pack
+        loss, grads = loss_and_grads(model, builder.build([-1 - i]))
+        total_loss += loss
+        for n, g in grads.items():
+            total_grads[n] = total_grads.get(n, 0) + g
+    assert abs(packed_loss - total_loss) / total_loss < 1e-5
+    num = sum(float((packed_grads[n] - total_grads[n]).norm() ** 2) for n in packed_grads) ** 0.5
+    den = sum(float(g.norm() ** 2) for g in total_grads.values()) ** 0.5
+    assert num / den < 1e-5
+    vision = [n for n in packed_grads if n.startswith(fam.vision_tower_prefix)]
+    assert vision and any(float(packed_grads[n].abs().sum()) > 0 for n in vision)  # images really trained
+
+
+def test_rows_have_per_sample_positions_and_no_cross_sample_labels(packed_project):
+    _, _, _, _, builder = load(packed_project)
+    tokenized = {
+        s["sample_id"]: s for s in pq.read_table(packed_project[0] / "data/tokenized/samples.parquet").to_pylist()
+    }
+    for pack_id, sample_ids in list(builder.packs.items())[:3]:
+        row = builder.build([pack_id])
+        lengths = [tokenized[s]["length"] for s in sample_ids]
+        assert row.seq_lengths()[: len(lengths)] == lengths  # then at most two label-free dummy segments
+        assert row.position_ids.shape == (4, 1, row.tokens)
+        starts = np.cumsum([0] + lengths)
+        for s, start in zip(sample_ids, starts[:-1], strict=True):
+            expected = tokenized[s]["labels"][1:] + [-100]
+            assert row.targets[0, start : start + len(expected)].tolist() == expected
+
+
+def test_every_pack_once_per_epoch_whatever_the_split():
+    order = list(range(11))
+    for world, per_device, accumulation in [(1, 1, 2), (2, 1, 1), (2, 2, 2), (3, 1, 1)]:
+        seen = []
+        steps = -(-len(order) // (world * per_device * accumulation))
+        for step in range(steps):
+            for rank in range(world):
+                seen += [
+                    p
+                    for ids, dummy in rank_micro_batches(order, step, world, rank, per_device, accumulation)
+                    if not dummy
+                    for p in ids
+                ]
+        assert sorted(seen) == order
+
+
+def test_optimizer_groups_and_rates(packed_project):
+    _, fam, params, model, _ = load(packed_project)
+    args = params.trainer_args.model_copy(
+        update={"vision_tower_lr": 1e-5, "mm_projector_lr": 3e-4, "weight_decay": 0.1}
+    )
+    freeze(model, ["model.language_model.layers.0"])
+    optimizer = build_optimizer(model, args, fam)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            expected_lr = (
+                3e-4
+                if name.startswith(fam.merger_prefix)
+                else 1e-5
+                if name.startswith(fam.vision_tower_prefix)
+                else args.learning_rate
+            )
+            assert group["lr"] == expected_lr, name
+            assert group["weight_decay"] == (0.1 if p.ndim >= 2 and "norm" not in name else 0.0), name
+            assert "language_model.layers.0." not in name  # frozen: no optimizer state
+    summary = trainable_summary(model, fam)
+    assert "decoder layer 0: frozen" in summary and "decoder layer 1: trains" in summary
+
+
+def test_freeze_prefix_that_matches_nothing_is_an_error(packed_project):
+    _, _, _, model, _ = load(packed_project)
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        freeze(model, ["vision_tower"])
+
+
+def test_preflight_errors(packed_project, tmp_path):
+    root, family_name, model_dir = packed_project
+    params = pipeline_params(model_dir, family_name)
+    preflight(params, root, 2)  # the good case passes
+    with pytest.raises(StageInputError, match="model directory not found"):
+        preflight(
+            pipeline_params(tmp_path / "nope", family_name).model_copy(
+                update={"dataset_config": params.dataset_config}
+            ),
+            root,
+            2,
+        )
+    with pytest.raises(ConfigError, match="cannot feed 64 rank"):
+        preflight(params, root, 64)
+    other = "qwen3_vl" if family_name == "qwen2_5_vl" else "qwen2_5_vl"
+    wrong = params.model_copy(deep=True)
+    wrong.dataset_config.processor_config.processor_type = other
+    with pytest.raises(ConfigError, match="expects"):
+        preflight(wrong, root, 2)
+    wrap = params.model_copy(deep=True)
+    wrap.trainer_args.fsdp_config.transformer_layer_cls_to_wrap = ["LlamaDecoderLayer"]
+    with pytest.raises(ConfigError, match="names no module"):
+        preflight(wrap, root, 2)
