@@ -32,6 +32,7 @@ class Row:
     label_tokens: int
     pack_ids: list[int]
     vision: dict = field(default_factory=dict)  # pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+    is_dummy: bool = False  # an idle rank's label-free copy of a pack
 
     @property
     def tokens(self) -> int:
@@ -160,6 +161,7 @@ class RowBuilder:
             int((targets != IGNORE).sum()),
             list(pack_ids),
             vision,
+            dummy,
         )
 
 

@@ -131,6 +131,8 @@ def train(params_path: str) -> None:
                 (row_loss * world / max(label_tokens, 1)).backward()
                 loss_sum += row_loss.detach().double().cpu()
             dist.all_reduce(loss_sum)
+            trained_packs: list[list[int]] = [[] for _ in range(world)]
+            dist.all_gather_object(trained_packs, [p for r in micro if not r.is_dummy for p in r.pack_ids])
             loss = float(loss_sum) / max(label_tokens, 1)
             if not math.isfinite(loss):
                 packs = [r.pack_ids for r in micro]
@@ -156,6 +158,8 @@ def train(params_path: str) -> None:
                     "lr": lr,
                     "tokens": tokens,
                     "label_tokens": label_tokens,
+                    "epoch": state.epoch,
+                    "packs": sorted(p for ps in trained_packs for p in ps),
                     "seconds": seconds,
                     "lm_flops": lm_flops * world,
                     "vision_flops": vis_flops * world,
