@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from schemas.errors import ConfigError, StageInputError
 from schemas.params import Params, load_params
 from stages.families import family
+from stages.train.reporters import check_available
 
 PACKS = Path("data/packed/packs.parquet")
 TOKENIZED = Path("data/tokenized/samples.parquet")
@@ -97,6 +98,7 @@ def preflight(params: Params, root: Path, world: int) -> None:
             f"{len(packs)} pack(s) cannot feed {world} rank(s) x per_device_train_batch_size "
             f"{args.per_device_train_batch_size}; use fewer processes or a smaller packing_length"
         )
+    check_available(args.report_to)
     if args.sp_ulysses_degree > 1:
         raise ConfigError("sp_ulysses_degree > 1 is not available yet (sequence parallelism is a later issue)")
 

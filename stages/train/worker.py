@@ -25,6 +25,7 @@ from stages.train import checkpoint
 from stages.train.data import LoaderState, PrefetchLoader, RowBuilder, epoch_order, rank_micro_batches
 from stages.train.model import choose_attention, freeze, load_model, trainable_summary, wrap_fsdp2
 from stages.train.optim import build_optimizer, build_scheduler
+from stages.train.reporters import Reporters
 from stages.train.telemetry import parameter_counts, peak_flops, step_flops, write_outputs
 
 
@@ -104,6 +105,9 @@ def train(params_path: str) -> None:
         state, history, step = LoaderState(**saved["loader"]), saved["history"], saved["step"]
         log(f"resumed from {existing[-1]} at step {step} (epoch {state.epoch}, batch {state.step_in_epoch})")
 
+    reporters = Reporters(
+        [t for t in args.report_to if t != "none"] if rank == 0 else [], run_dir, args.run_name, params.to_yaml_dict()
+    )
     peak = peak_flops(device)
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0 or None)
     while step < total_steps:
@@ -165,6 +169,15 @@ def train(params_path: str) -> None:
                     "vision_flops": vis_flops * world,
                 }
             )
+            reporters.log(
+                {
+                    "train/loss": loss,
+                    "train/lr": lr,
+                    "train/tokens_per_s": tokens / seconds,
+                    "train/label_tokens": label_tokens,
+                },
+                step,
+            )
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
             log(f"step {step}/{total_steps} loss {loss:.6f} lr {lr:.3e} tokens/s {tokens / seconds:.0f}")
@@ -176,6 +189,7 @@ def train(params_path: str) -> None:
         if state.step_in_epoch >= steps_per_epoch:
             state = LoaderState(state.epoch + 1, 0)
     progress.close()
+    reporters.close()
     checkpoint.export_hf(model, fam.transformers_class(fam.model_class), model.config, processor, run_dir / "hf")
     log(f"exported {run_dir / 'hf'}")
     dist.destroy_process_group()

@@ -115,7 +115,17 @@ def test_frozen_vision_tower_is_bit_identical(packed_project):
     root, family_name, model_dir = packed_project
     if family_name != "qwen2_5_vl":
         pytest.skip("one family is enough for freezing")
-    train(root, "frozen", model_dir, family_name, max_steps=2, nproc_per_node=2, freeze_modules=["visual"])
+    train(
+        root,
+        "frozen",
+        model_dir,
+        family_name,
+        max_steps=2,
+        nproc_per_node=2,
+        freeze_modules=["visual"],
+        report_to=["tensorboard"],
+    )
+    assert list((root / "output/frozen/tensorboard").glob("events.out.tfevents.*"))
     fam = family(family_name)
     cls = fam.transformers_class(fam.model_class)
     before = cls.from_pretrained(model_dir, dtype=torch.float32).state_dict()
