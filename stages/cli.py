@@ -78,6 +78,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run(args.params)
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    from schemas.params import load_params
+    from stages.register import register
+
+    rows = register(load_params(args.params))
+    latest = rows[-1]
+    print(
+        f"registered {latest['id']} ({len(rows)} checkpoint(s) of run {latest['run']} in the registry)", file=sys.stderr
+    )
+    return 0
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    import json
+
+    from schemas.params import load_params
+    from stages.register import read_registry
+
+    rows = read_registry(Path(load_params(args.params).registry.path))
+    if args.action == "list":
+        for r in rows:
+            metrics = json.loads(r["metrics"] or "{}")
+            print(f"{r['id']}\tstep {r['step']}\tloss {metrics.get('loss', metrics.get('final_loss'))}\t{r['path']}")
+        return 0
+    match = [r for r in rows if r["id"] == args.id or r["id"].startswith(args.id or "\0")]
+    if not match:
+        print(f"qvl registry show: no checkpoint {args.id!r}", file=sys.stderr)
+        return 2
+    print(json.dumps(match[-1], indent=2, default=str))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from stages.demo import write_demo
 
@@ -133,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
             "train with torchrun (FSDP2, padding-free packed rows), checkpoint, export to Hugging Face",
             cmd_train,
         ),
+        ("register", "record the run's checkpoints with their lineage in the registry", cmd_register),
+        ("registry", "list the registered checkpoints, or show one", cmd_registry),
         ("demo", "write the demo dataset (images, videos, chat rows with known bad rows) to DIR", cmd_demo),
         (
             "make-tiny-model",
@@ -145,8 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, fn in commands:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(fn=fn)
-        if name in ("validate", "decode", "tokenize", "pack", "train"):
+        if name in ("validate", "decode", "tokenize", "pack", "train", "register", "registry"):
             _params_arg(p)
+        if name == "registry":
+            p.add_argument("action", choices=["list", "show"])
+            p.add_argument("id", nargs="?", help="checkpoint id (or a prefix) for show")
         elif name == "demo":
             p.add_argument("dir", help="output directory (replaced atomically)")
         elif name == "make-tiny-model":

@@ -37,6 +37,32 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def run_fingerprint(params, root: Path) -> str:
+    """What a checkpoint depends on besides its own step: training arguments (but max_steps and save cadence,
+    which a resumed run may extend), the model path, and the packs."""
+    import hashlib
+
+    args = params.trainer_args.model_dump(exclude={"max_steps", "save_steps", "save_total_limit", "report_to"})
+    digest = hashlib.sha256(json.dumps([args, params.model_config_.model_dump()], sort_keys=True).encode())
+    digest.update((root / "data/packed/packs.parquet").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def discard_stale(run_dir: Path, fingerprint: str) -> bool:
+    """Remove checkpoints written under another fingerprint (rank 0), so a changed run never resumes from them."""
+    stale = [
+        c
+        for c in complete_checkpoints(run_dir)
+        if json.loads((c / STATE_FILE).read_text()).get("fingerprint") != fingerprint
+    ]
+    dist.barrier()
+    if stale and dist.get_rank() == 0:
+        for c in stale:
+            shutil.rmtree(c)
+    dist.barrier()
+    return bool(stale)
+
+
 def _rng_state() -> dict:
     return {
         "python": random.getstate(),

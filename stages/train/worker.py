@@ -100,6 +100,9 @@ def train(params_path: str) -> None:
     # Resume from the newest complete checkpoint, if any
     run_dir = root / args.output_dir / args.run_name
     state, history, step = LoaderState(), [], 0
+    fingerprint = checkpoint.run_fingerprint(params, root)
+    if checkpoint.discard_stale(run_dir, fingerprint):
+        log(f"starting fresh: the config, model or packs changed since the checkpoints in {run_dir}")
     if existing := checkpoint.complete_checkpoints(run_dir):
         saved = checkpoint.load(existing[-1], model, optimizer, scheduler)
         state, history, step = LoaderState(**saved["loader"]), saved["history"], saved["step"]
@@ -182,7 +185,7 @@ def train(params_path: str) -> None:
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
             log(f"step {step}/{total_steps} loss {loss:.6f} lr {lr:.3e} tokens/s {tokens / seconds:.0f}")
             if step % args.save_steps == 0 or step == total_steps:
-                trainer_state = {"loader": vars(state), "history": history}
+                trainer_state = {"loader": vars(state), "history": history, "fingerprint": fingerprint}
                 checkpoint.save(run_dir, step, model, optimizer, scheduler, trainer_state, args.save_total_limit)
                 if rank == 0:
                     write_outputs(root, history, summarize(history, peak, device))

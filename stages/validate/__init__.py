@@ -95,6 +95,7 @@ def validate_into(con: duckdb.DuckDBPyConnection, params: Params, root: Path) ->
         store_dir=root / MEDIA_STORE,
         workers=vcfg.workers or (os.cpu_count() or 1),
     )
+    (root / MEDIA_STORE).mkdir(parents=True, exist_ok=True)
     cache = ProbeCache(root / vcfg.media_cache)
     refs = con.execute("SELECT kind, is_frame_list, data_folder, ref FROM media_refs ORDER BY ALL").fetchall()
     con.register("media_checks", MediaChecker(rules, cache).check_all(refs))

@@ -1,0 +1,138 @@
+"""The register stage: record each checkpoint of a run with its lineage in a DuckDB registry.
+
+One row per checkpoint: id (run + step + content hash), run, step, path, metrics, the params hash, the data
+hashes of every stage in dvc.lock, the git commit and the time. Registering the same checkpoint again is a
+no-op; concurrent registrations wait for the database lock and both land.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import yaml
+
+from schemas.errors import StageInputError
+from schemas.params import Params
+from stages.train.checkpoint import STATE_FILE, complete_checkpoints
+
+SCHEMA = """CREATE TABLE IF NOT EXISTS checkpoints (
+    id VARCHAR PRIMARY KEY, run VARCHAR, step BIGINT, path VARCHAR, hf_path VARCHAR, metrics JSON,
+    params_hash VARCHAR, data_hashes JSON, git_commit VARCHAR, registered_at TIMESTAMP)"""
+
+
+def _git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def data_hashes(root: Path) -> dict:
+    """{stage: {path: md5}} for every output in dvc.lock (empty when the run did not go through DVC)."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    return {name: {o["path"]: o.get("md5") for o in stage.get("outs", [])} for name, stage in stages.items()}
+
+
+def params_hash(params: Params) -> str:
+    return hashlib.sha256(json.dumps(params.to_yaml_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _connect(path: Path, attempts: int = 200) -> duckdb.DuckDBPyConnection:
+    """DuckDB allows one writing process: wait for the lock instead of failing a concurrent registration."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(attempts):
+        try:
+            return duckdb.connect(str(path))
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 + random.random() * 0.1)
+    raise AssertionError("unreachable")
+
+
+def register(params: Params, root: Path = Path(".")) -> list[dict]:
+    """Register every complete checkpoint of the configured run; returns the rows (new and existing)."""
+    args = params.trainer_args
+    run_dir = root / args.output_dir / args.run_name
+    checkpoints = complete_checkpoints(run_dir)
+    if not checkpoints:
+        raise StageInputError(f"no complete checkpoint in {run_dir}: run `qvl train` first")
+    metrics_file = root / "metrics/train.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    lineage = {"params_hash": params_hash(params), "data_hashes": data_hashes(root), "git_commit": _git_commit(root)}
+    rows = []
+    for ckpt in checkpoints:
+        state = json.loads((ckpt / STATE_FILE).read_text())
+        content = hashlib.sha256((ckpt / STATE_FILE).read_bytes()).hexdigest()[:12]
+        step_metrics = {
+            **(state["history"][-1] if state.get("history") else {}),
+            **(metrics if ckpt == checkpoints[-1] else {}),
+        }
+        step_metrics.pop("packs", None)
+        hf = run_dir / "hf"
+        rows.append(
+            {
+                "id": f"{args.run_name}@{state['step']}-{content}",
+                "run": args.run_name,
+                "step": state["step"],
+                "path": str(ckpt.relative_to(root)),
+                "hf_path": str(hf.relative_to(root)) if hf.is_dir() and ckpt == checkpoints[-1] else None,
+                "metrics": json.dumps(step_metrics),
+                **lineage,
+            }
+        )
+    db = root / params.registry.path
+    con = _connect(db)
+    try:
+        con.execute(SCHEMA)
+        for row in rows:
+            con.execute(
+                "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                [
+                    row["id"],
+                    row["run"],
+                    row["step"],
+                    row["path"],
+                    row["hf_path"],
+                    row["metrics"],
+                    row["params_hash"],
+                    json.dumps(row["data_hashes"]),
+                    row["git_commit"],
+                    datetime.now(UTC).replace(tzinfo=None),
+                ],
+            )
+        return list_checkpoints(con, args.run_name)
+    finally:
+        con.close()
+
+
+def list_checkpoints(con: duckdb.DuckDBPyConnection, run: str | None = None) -> list[dict]:
+    sql = "SELECT * FROM checkpoints" + (" WHERE run = ?" if run else "") + " ORDER BY run, step"
+    cursor = con.execute(sql, [run] if run else [])
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
+
+
+def read_registry(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with duckdb.connect(str(path), read_only=True) as con:
+        return list_checkpoints(con)
