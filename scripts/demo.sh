@@ -5,7 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 .venv/bin/qvl setup-demo
-.venv/bin/qvl validate
-.venv/bin/qvl decode
-.venv/bin/qvl tokenize
-.venv/bin/qvl pack
+PATH="$PWD/.venv/bin:$PATH" .venv/bin/qvl run

@@ -110,6 +110,27 @@ def cmd_registry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """The whole pipeline through the Prefect flow, in-process (ephemeral Prefect, no server needed)."""
+    import os
+    import time
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    start = time.perf_counter()
+    from flows.pipeline import qwen_vl_pipeline
+
+    state = qwen_vl_pipeline(project_dir=str(Path.cwd()), return_state=True)
+    if not state.is_completed():
+        print(f"qvl run: error: {state.message}", file=sys.stderr)
+        return 1
+    latest = state.result()
+    print(
+        f"pipeline done in {time.perf_counter() - start:.1f} s; registered {latest['id']} ({latest['hf_path']})",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from stages.demo import write_demo
 
@@ -156,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qvl", description="Fine-tuning pipeline for Qwen2.5-VL and Qwen3-VL.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: list[tuple[str, str, Callable]] = [
+        ("run", "run the whole pipeline (Prefect flow over the DVC stages) on this machine", cmd_run),
         ("validate", "load the datasets into DuckDB, apply the rules, write samples and rejects", cmd_validate),
         ("decode", "decode every video of the accepted samples once into lossless frame shards", cmd_decode),
         ("tokenize", "render and tokenise every accepted sample with the real Qwen processor", cmd_tokenize),

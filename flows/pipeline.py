@@ -1,0 +1,84 @@
+"""`qwen_vl_pipeline`: the Prefect flow that runs the DVC stages in order and publishes their artifacts.
+
+Run it in-process (`qvl run`, ephemeral Prefect), or deploy it (prefect.yaml) to a process work pool. With
+`orchestration.gpu_deployment` set, training is dispatched to that deployment on the GPU pool (run_deployment),
+which pulls its inputs from the DVC remote, trains and pushes the checkpoint back (flows/gpu.py).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from flows import artifacts
+from flows.stage_runner import run_stage
+from schemas.params import load_params
+
+PROJECT = Path(__file__).resolve().parent.parent
+STEP = re.compile(r"^step (\d+)/(\d+) loss")
+
+
+@task(retries=2, retry_delay_seconds=5)
+def io_stage(stage: str, project_dir: str) -> None:
+    """validate and decode read many files: transient I/O errors are retried (DVC skips finished work)."""
+    run_stage(stage, Path(project_dir), get_run_logger().info)
+
+
+@task
+def compute_stage(stage: str, project_dir: str) -> None:
+    run_stage(stage, Path(project_dir), get_run_logger().info)
+
+
+@task
+def train_stage(project_dir: str) -> None:
+    """Training with a live progress artifact (percent of steps done)."""
+    progress = create_progress_artifact(progress=0.0, key="training-progress", description="training steps done")
+
+    def on_line(line: str) -> None:
+        if m := STEP.match(line):
+            update_progress_artifact(progress, progress=100.0 * int(m.group(1)) / int(m.group(2)))
+
+    run_stage("train", Path(project_dir), get_run_logger().info, on_line)
+
+
+@task
+def dispatch_training(deployment: str, project_dir: str) -> None:
+    """Train on the GPU work pool and wait for it; the GPU flow pushes its outputs to the DVC remote."""
+    from prefect.deployments import run_deployment
+
+    from flows.stage_runner import StageFailed
+
+    run = run_deployment(deployment, parameters={"project_dir": project_dir})
+    if not run.state.is_completed():
+        raise StageFailed(f"training deployment {deployment} ended {run.state.name}: {run.state.message}")
+    run_stage_pull(project_dir)
+
+
+def run_stage_pull(project_dir: str) -> None:
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "dvc", "pull", "train"], cwd=project_dir, check=True)
+
+
+@flow(name="qwen_vl_pipeline", log_prints=True)
+def qwen_vl_pipeline(project_dir: str = str(PROJECT)) -> dict:
+    """validate -> decode -> tokenize -> pack -> train -> register, each through `dvc repro`."""
+    root = Path(project_dir)
+    params = load_params(root / "params.yaml")
+    io_stage("validate", project_dir)
+    artifacts.validation_table(root)
+    io_stage("decode", project_dir)
+    compute_stage("tokenize", project_dir)
+    compute_stage("pack", project_dir)
+    artifacts.packing_summary(root)
+    if params.orchestration.gpu_deployment:
+        dispatch_training(params.orchestration.gpu_deployment, project_dir)
+    else:
+        train_stage(project_dir)
+    artifacts.loss_curve(root)
+    compute_stage("register", project_dir)
+    return artifacts.registered_checkpoint(root, params.registry.path)
