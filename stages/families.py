@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.errors import ConfigError
+from stages.tokenizer_build import EXTRA_TOKENS_QWEN2, EXTRA_TOKENS_QWEN3
 
 
 @dataclass(frozen=True)
@@ -26,10 +27,8 @@ class ModelFamily:
     temporal_patch_size: int
     vision_tower_prefix: str  # parameter-name prefix of the vision tower
     merger_prefix: str  # parameter-name prefix of the vision-to-text projector
-    language_model_prefix: str
     has_deepstack: bool
-    # Qwen3-VL writes per-frame timestamps into the prompt and has no second_per_grid_ts.
-    video_timestamps_in_prompt: bool
+    extra_tokens: tuple[str, ...]  # added tokens after the special ones, as in the released tokenizer
     chat_template: str  # file name under stages/templates/
     video_processor_class: str
     image_mean: tuple[float, float, float]
@@ -65,9 +64,8 @@ _FAMILIES = {
             temporal_patch_size=2,
             vision_tower_prefix="model.visual",
             merger_prefix="model.visual.merger",
-            language_model_prefix="model.language_model",
             has_deepstack=False,
-            video_timestamps_in_prompt=False,
+            extra_tokens=EXTRA_TOKENS_QWEN2,
             chat_template="qwen2_5_vl.jinja",
             video_processor_class="Qwen2VLVideoProcessor",
             image_mean=(0.48145466, 0.4578275, 0.40821073),
@@ -90,9 +88,8 @@ _FAMILIES = {
             temporal_patch_size=2,
             vision_tower_prefix="model.visual",
             merger_prefix="model.visual.merger",
-            language_model_prefix="model.language_model",
             has_deepstack=False,
-            video_timestamps_in_prompt=False,
+            extra_tokens=EXTRA_TOKENS_QWEN2,
             chat_template="qwen2_5_vl.jinja",
             video_processor_class="Qwen2VLVideoProcessor",
             image_mean=(0.48145466, 0.4578275, 0.40821073),
@@ -121,9 +118,8 @@ _FAMILIES = {
             temporal_patch_size=2,
             vision_tower_prefix="model.visual",
             merger_prefix="model.visual.merger",
-            language_model_prefix="model.language_model",
             has_deepstack=True,
-            video_timestamps_in_prompt=True,
+            extra_tokens=EXTRA_TOKENS_QWEN3,
             chat_template="qwen3_vl.jinja",
             video_processor_class="Qwen3VLVideoProcessor",
             image_mean=(0.5, 0.5, 0.5),
@@ -157,9 +153,8 @@ _FAMILIES = {
             temporal_patch_size=2,
             vision_tower_prefix="model.visual",
             merger_prefix="model.visual.merger",
-            language_model_prefix="model.language_model",
             has_deepstack=True,
-            video_timestamps_in_prompt=True,
+            extra_tokens=EXTRA_TOKENS_QWEN3,
             chat_template="qwen3_vl.jinja",
             video_processor_class="Qwen3VLVideoProcessor",
             image_mean=(0.5, 0.5, 0.5),

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from stages.families import ModelFamily, family
-from stages.tokenizer_build import EXTRA_TOKENS_QWEN2, EXTRA_TOKENS_QWEN3, SPECIAL_TOKENS, build_hf_tokenizer
+from stages.tokenizer_build import SPECIAL_TOKENS, build_hf_tokenizer
 
 TEMPLATES = Path(__file__).parent / "templates"
 VOCAB_SIZE = 151936  # the released embedding size (rounded up past the last added token)
@@ -63,9 +63,8 @@ def build_processor(fam: ModelFamily):
     """The family's real processor class around the offline tokenizer and the released processor settings."""
     import transformers
 
-    extra = EXTRA_TOKENS_QWEN3 if fam.has_deepstack else EXTRA_TOKENS_QWEN2
     template = chat_template(fam)
-    tokenizer = build_hf_tokenizer(extra, template)
+    tokenizer = build_hf_tokenizer(fam.extra_tokens, template)
     common = {
         "patch_size": fam.patch_size,
         "merge_size": fam.spatial_merge_size,
