@@ -38,11 +38,22 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def run_fingerprint(params, root: Path) -> str:
-    """What a checkpoint depends on besides its own step: training arguments (but max_steps and save cadence,
-    which a resumed run may extend), the model path, and the packs."""
+    """What a checkpoint depends on besides its own step: the training arguments, the model path and the packs.
+    A resumed run may change how long it runs, how often it saves, and how the global batch is laid out over
+    processes (ranks, per-device batch, accumulation): the loader counts packs, not steps."""
     import hashlib
 
-    args = params.trainer_args.model_dump(exclude={"max_steps", "save_steps", "save_total_limit", "report_to"})
+    args = params.trainer_args.model_dump(
+        exclude={
+            "max_steps",
+            "save_steps",
+            "save_total_limit",
+            "report_to",
+            "nproc_per_node",
+            "nnodes",
+            "dataloader_num_workers",
+        }
+    )
     digest = hashlib.sha256(json.dumps([args, params.model_config_.model_dump()], sort_keys=True).encode())
     digest.update((root / "data/packed/packs.parquet").read_bytes())
     return digest.hexdigest()[:16]

@@ -170,7 +170,7 @@ class LoaderState:
     """Where the loader is: rank-independent, so a restart on another world size continues at the same pack."""
 
     epoch: int = 0
-    step_in_epoch: int = 0  # global batches already consumed in this epoch
+    packs_done: int = 0  # packs of this epoch already trained on, whatever the world size was
 
 
 def epoch_order(pack_ids: list[int], epoch: int, seed: int) -> list[int]:

@@ -106,7 +106,7 @@ def train(params_path: str) -> None:
     if existing := checkpoint.complete_checkpoints(run_dir):
         saved = checkpoint.load(existing[-1], model, optimizer, scheduler)
         state, history, step = LoaderState(**saved["loader"]), saved["history"], saved["step"]
-        log(f"resumed from {existing[-1]} at step {step} (epoch {state.epoch}, batch {state.step_in_epoch})")
+        log(f"resumed from {existing[-1]} at step {step} (epoch {state.epoch}, {state.packs_done} packs done)")
 
     reporters = Reporters(
         [t for t in args.report_to if t != "none"] if rank == 0 else [], run_dir, args.run_name, params.to_yaml_dict()
@@ -114,16 +114,19 @@ def train(params_path: str) -> None:
     peak = peak_flops(device)
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0 or None)
     while step < total_steps:
-        order = epoch_order(pack_ids, state.epoch, cfg.seed)
+        remaining = epoch_order(pack_ids, state.epoch, cfg.seed)[state.packs_done :]
+        steps_left = math.ceil(len(remaining) / global_batch)
         plan = [
             mb
-            for s in range(state.step_in_epoch, steps_per_epoch)
+            for s in range(steps_left)
             for mb in rank_micro_batches(
-                order, s, world, rank, args.per_device_train_batch_size, args.gradient_accumulation_steps
+                remaining, s, world, rank, args.per_device_train_batch_size, args.gradient_accumulation_steps
             )
         ]
         rows = iter(PrefetchLoader(builder, plan, args.dataloader_num_workers))
-        while state.step_in_epoch < steps_per_epoch and step < total_steps:
+        for s in range(steps_left):
+            if step >= total_steps:
+                break
             started = time.perf_counter()
             micro = [next(rows) for _ in range(args.gradient_accumulation_steps)]
             counts = torch.tensor(
@@ -153,7 +156,7 @@ def train(params_path: str) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            state.step_in_epoch += 1
+            state.packs_done += min(global_batch, len(remaining) - s * global_batch)
             seconds = time.perf_counter() - started
             seqs = [n for r in micro for n in r.seq_lengths()]
             patches = sum(int(g.prod(-1).sum()) for r in micro for k, g in r.vision.items() if k.endswith("grid_thw"))
@@ -189,7 +192,7 @@ def train(params_path: str) -> None:
                 checkpoint.save(run_dir, step, model, optimizer, scheduler, trainer_state, args.save_total_limit)
                 if rank == 0:
                     write_outputs(root, history, summarize(history, peak, device))
-        if state.step_in_epoch >= steps_per_epoch:
+        if state.packs_done >= len(pack_ids):
             state = LoaderState(state.epoch + 1, 0)
     progress.close()
     reporters.close()

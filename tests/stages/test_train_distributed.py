@@ -92,6 +92,19 @@ def test_sigkill_and_resume_continue_the_same_curve(packed_project, reference):
     assert not list((root / "output/killed").glob(".checkpoint-*"))  # no half-written checkpoint left
 
 
+def test_resume_on_another_number_of_ranks(packed_project, reference):
+    """A 2-rank checkpoint continues on 1 rank (accumulation 2 keeps the global batch): same later losses."""
+    import shutil
+
+    root, family_name, model_dir = packed_project
+    shutil.copytree(root / "output/ws2/checkpoint-3", root / "output/resharded/checkpoint-3")
+    resumed = train(
+        root, "resharded", model_dir, family_name, max_steps=4, nproc_per_node=1, gradient_accumulation_steps=2
+    )
+    assert losses(resumed) == pytest.approx(losses(reference), rel=1e-5)
+    assert [h["packs"] for h in resumed] == [h["packs"] for h in reference]
+
+
 def test_export_loads_and_matches_the_trained_weights(packed_project, reference):
     root, family_name, _ = packed_project
     fam = family(family_name)
