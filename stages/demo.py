@@ -12,9 +12,7 @@ import base64
 import io
 import json
 import random
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import ffmpeg
@@ -22,6 +20,8 @@ import imageio_ffmpeg
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
+
+from stages.io import atomic_dir
 
 IMAGES = {  # name: (width, height, format)
     "street.jpg": (640, 480, "JPEG"),
@@ -425,10 +425,7 @@ INVALID_UTF8_ROW = b'{"messages": [{"role": "user", "content": "caf\xe9"}, {"rol
 
 def write_demo(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the demo dataset to ``out_dir`` atomically; returns the directory."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         rng = random.Random(seed)
         _write_images(tmp)
         _write_videos(tmp)
@@ -443,10 +440,4 @@ def write_demo(out_dir: str | Path, seed: int = 0) -> Path:
         )
         official = _qwen_official_rows(rng) + [row for row, _ in BAD_OFFICIAL_ROWS]
         (tmp / "qwen_official.json").write_text(json.dumps(official, indent=1))
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)

@@ -7,11 +7,10 @@ It loads offline exactly like a released checkpoint: `AutoProcessor.from_pretrai
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 from stages.families import ModelFamily, family
+from stages.io import atomic_dir
 from stages.tokenizer_build import SPECIAL_TOKENS, build_hf_tokenizer
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -85,17 +84,9 @@ def make_tiny_model(processor_type: str, out_dir: str | Path, seed: int = 0) -> 
     import torch
 
     fam = family(processor_type)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         torch.manual_seed(seed)
         model = fam.transformers_class(fam.model_class)._from_config(build_config(fam), dtype=torch.float32)
         model.save_pretrained(tmp)
         build_processor(fam).save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)

@@ -1,7 +1,6 @@
 """Tokenize against the real processor: same ids and grids for every demo sample, in both families."""
 
 import json
-import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -10,55 +9,31 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from schemas.errors import PipelineError, StageInputError
-from schemas.params import parse_params
-from stages.decode import run as decode
 from stages.decode.shards import FrameStore
 from stages.tokenize import run as tokenize
 from stages.tokenize.vision import VisionArgs
-from stages.validate import run as validate
+from tests.conftest import pipeline_params
 
 
-def family_params(model_dir, family_name, **dataset):
-    datasets = [
-        {"path": "data/demo/chat.jsonl", "data_folder": "data/demo", "data_type": "jsonl"},
-        {"path": "data/demo/qwen_utils.parquet", "data_folder": "data/demo", "data_type": "parquet"},
-        {"path": "data/demo/qwen_official.json", "data_folder": "data/demo", "data_type": "json"},
-    ]
-    return parse_params(
-        {
-            "dataset_config": {
-                "datasets": datasets,
-                "processor_config": {"processor_name": str(model_dir), "processor_type": family_name},
-                "video_min_pixels": 12544,
-                "video_max_pixels": 50176,
-                "video_max_frames": 16,
-                "packing_length": 4096,
-                **dataset,
-            },
-            "validate": {"media_cache": ".cache/media.duckdb"},
-        }
-    )
-
-
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
-def tokenized_project(request, tiny_models, demo_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"tok-{request.param}")
-    shutil.copytree(demo_dir, root / "data/demo")
-    params = family_params(tiny_models[request.param], request.param)
-    accepted = validate(params, root).accepted
-    decode(params, root)
-    result = tokenize(params, root)
-    return root, params, accepted, result
+@pytest.fixture
+def tokenized_project(packed_project):
+    """The shared packed project (validate, decode, tokenize, pack done) with its params and stage metrics."""
+    root, family_name, model_dir = packed_project
+    accepted = json.loads((root / "metrics/validate.json").read_text())["accepted"]
+    result = json.loads((root / "metrics/tokenize.json").read_text())
+    return root, pipeline_params(model_dir, family_name), accepted, result
 
 
 def test_counts_reconcile_with_validate_and_decode(tokenized_project):
     root, _, accepted, result = tokenized_project
     decode_rejects = pq.read_table(root / "data/frames/rejects.parquet").to_pylist()
-    assert result.input == accepted
-    assert result.tokenized + result.rejected == accepted
+    assert result["input"] == accepted
+    assert result["tokenized"] + result["rejected"] == accepted
     rejects = pq.read_table(root / "data/tokenized/rejects.parquet").to_pylist()
-    assert {r["sample_id"] for r in rejects} == {s for r in decode_rejects for s in r["sample_ids"]}
-    assert all(r["reason"] == "truncated_video" and "truncated.mp4" in r["detail"] for r in rejects)
+    video_rejects = [r for r in rejects if r["reason"] != "overlong"]
+    assert {r["sample_id"] for r in video_rejects} == {s for r in decode_rejects for s in r["sample_ids"]}
+    assert all(r["reason"] == "truncated_video" and "truncated.mp4" in r["detail"] for r in video_rejects)
+    assert all("> packing_length 1024" in r["detail"] for r in rejects if r["reason"] == "overlong")
 
 
 def test_ids_and_grids_equal_the_real_processor(tokenized_project):
@@ -130,6 +105,6 @@ def test_overlong_samples_are_rejected_or_stop_the_stage(tokenized_project, tmp_
 
 
 def test_missing_processor_is_a_clear_error(project):
-    params = family_params(project / "no-model", "qwen2_5_vl")
+    params = pipeline_params(project / "no-model", "qwen2_5_vl")
     with pytest.raises(StageInputError, match="processor directory not found"):
         tokenize(params, project)
