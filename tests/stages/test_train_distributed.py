@@ -59,7 +59,17 @@ def reference(packed_project):
 
 def test_world_size_and_accumulation_do_not_change_the_result(packed_project, reference):
     root, family_name, model_dir = packed_project
-    single = train(root, "ws1", model_dir, family_name, max_steps=4, nproc_per_node=1, gradient_accumulation_steps=2)
+    # One rank, accumulation 2, rows built in a background DataLoader worker process.
+    single = train(
+        root,
+        "ws1",
+        model_dir,
+        family_name,
+        max_steps=4,
+        nproc_per_node=1,
+        gradient_accumulation_steps=2,
+        dataloader_num_workers=1,
+    )
     assert losses(single) == pytest.approx(losses(reference), rel=1e-5)
     assert [h["packs"] for h in single] == [h["packs"] for h in reference]
 
