@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows import artifacts
-from flows.stage_runner import run_stage
+from flows.stage_runner import StageFailed, StagePlan, run_stage
 from schemas.params import load_params
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -47,20 +47,14 @@ def train_stage(project_dir: str) -> None:
 @task
 def dispatch_training(deployment: str, project_dir: str) -> None:
     """Train on the GPU work pool and wait for it; the GPU flow pushes its outputs to the DVC remote."""
-    from prefect.deployments import run_deployment
+    import subprocess
+    import sys
 
-    from flows.stage_runner import StageFailed
+    from prefect.deployments import run_deployment
 
     run = run_deployment(deployment, parameters={"project_dir": project_dir})
     if not run.state.is_completed():
         raise StageFailed(f"training deployment {deployment} ended {run.state.name}: {run.state.message}")
-    run_stage_pull(project_dir)
-
-
-def run_stage_pull(project_dir: str) -> None:
-    import subprocess
-    import sys
-
     subprocess.run([sys.executable, "-m", "dvc", "pull", "train"], cwd=project_dir, check=True)
 
 
@@ -69,16 +63,25 @@ def qwen_vl_pipeline(project_dir: str = str(PROJECT)) -> dict:
     """validate -> decode -> tokenize -> pack -> train -> register, each through `dvc repro`."""
     root = Path(project_dir)
     params = load_params(root / "params.yaml")
-    io_stage("validate", project_dir)
+    plan = StagePlan(root)
+    logger = get_run_logger()
+
+    def stage(name: str, task_fn, *args) -> None:
+        if plan.needs_run(name):
+            task_fn(*args)
+        else:
+            logger.info(f"stage {name}: unchanged since dvc.lock, skipped")
+
+    stage("validate", io_stage, "validate", project_dir)
     artifacts.validation_table(root)
-    io_stage("decode", project_dir)
-    compute_stage("tokenize", project_dir)
-    compute_stage("pack", project_dir)
+    stage("decode", io_stage, "decode", project_dir)
+    stage("tokenize", compute_stage, "tokenize", project_dir)
+    stage("pack", compute_stage, "pack", project_dir)
     artifacts.packing_summary(root)
     if params.orchestration.gpu_deployment:
-        dispatch_training(params.orchestration.gpu_deployment, project_dir)
+        stage("train", dispatch_training, params.orchestration.gpu_deployment, project_dir)
     else:
-        train_stage(project_dir)
+        stage("train", train_stage, project_dir)
     artifacts.loss_curve(root)
-    compute_stage("register", project_dir)
+    stage("register", compute_stage, "register", project_dir)
     return artifacts.registered_checkpoint(root, params.registry.path)

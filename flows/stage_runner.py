@@ -3,6 +3,7 @@ cancellation or failure, and turn a failure into one readable error (the stage's
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -19,9 +20,29 @@ class StageFailed(RuntimeError):
     """A stage exited non-zero; the message is the stage's own error line."""
 
 
+def heal_dvc_state(project_dir: Path) -> None:
+    """DVC writes `.dvc/tmp/rwlock` in place: a dvc process killed mid-write leaves it truncated and every later
+    dvc command fails ("JSON structure is corrupted"). A truncated file records only dead holders (its writer
+    died), so it is removed; a readable one is left to DVC."""
+    lock = project_dir / ".dvc" / "tmp" / "rwlock"
+    try:
+        json.loads(lock.read_text())
+    except FileNotFoundError:
+        return
+    except ValueError:
+        lock.unlink(missing_ok=True)
+
+
+def dvc(*args: str, project_dir: Path, **kwargs) -> subprocess.CompletedProcess:
+    """`dvc <args>` in ``project_dir`` after healing its lock state."""
+    heal_dvc_state(project_dir)
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project_dir, **kwargs)
+
+
 def run_stage(
     stage: str, project_dir: Path, log: Callable[[str], None], on_line: Callable[[str], None] | None = None
 ) -> None:
+    heal_dvc_state(project_dir)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
@@ -54,3 +75,21 @@ def run_stage(
         errors = [m.group(1) for line in tail if (m := ERROR_LINE.search(line))]
         reason = next((e for e in errors if e.startswith("qvl")), errors[0] if errors else tail[-1] if tail else "")
         raise StageFailed(f"stage {stage} failed (exit {code}): {reason}")
+
+
+class StagePlan:
+    """Which stages of the linear DAG must go through `dvc repro`: one `dvc status` up front says which are
+    unchanged; those before the first changed stage are skipped without starting a DVC process each (what
+    keeps a cached rerun fast). From the first stage that runs on, every later stage goes through DVC."""
+
+    def __init__(self, project_dir: Path):
+        out = subprocess.run(
+            [sys.executable, "-m", "dvc", "status", "--json"], cwd=project_dir, capture_output=True, text=True
+        )
+        self.changed = set(json.loads(out.stdout or "{}")) if out.returncode == 0 else None  # None: unknown
+        self.started = False
+
+    def needs_run(self, stage: str) -> bool:
+        if self.started or self.changed is None or stage in self.changed:
+            self.started = True
+        return self.started

@@ -131,6 +131,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_repro(args: argparse.Namespace) -> int:
+    """`dvc repro` after repairing what a killed dvc process can leave behind (see flows.stage_runner)."""
+    from flows.stage_runner import dvc
+
+    return dvc("repro", *args.targets, project_dir=Path.cwd()).returncode
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from stages.demo import write_demo
 
@@ -178,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: list[tuple[str, str, Callable]] = [
         ("run", "run the whole pipeline (Prefect flow over the DVC stages) on this machine", cmd_run),
+        ("repro", "dvc repro (all stages or the named ones), safe to rerun after a killed run", cmd_repro),
         ("validate", "load the datasets into DuckDB, apply the rules, write samples and rejects", cmd_validate),
         ("decode", "decode every video of the accepted samples once into lossless frame shards", cmd_decode),
         ("tokenize", "render and tokenise every accepted sample with the real Qwen processor", cmd_tokenize),
@@ -203,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         if name in ("validate", "decode", "tokenize", "pack", "train", "register", "registry"):
             _params_arg(p)
+        if name == "repro":
+            p.add_argument("targets", nargs="*", help="stages to reproduce (default: all)")
         if name == "registry":
             p.add_argument("action", choices=["list", "show"])
             p.add_argument("id", nargs="?", help="checkpoint id (or a prefix) for show")
