@@ -27,16 +27,14 @@ def command(params_path):
     return [sys.executable, "-m", "stages.train", "--params", str(params_path)]
 
 
-def train(root, name, model_dir, family_name, **trainer) -> list[dict]:
+def launch(root, name, model_dir, family_name, **trainer) -> subprocess.CompletedProcess:
     path = write_params(root, name, model_dir, family_name, **trainer)
-    proc = subprocess.run(
-        command(path),
-        cwd=root,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=600,
-    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(command(path), cwd=root, capture_output=True, text=True, env=env, timeout=600)
+
+
+def train(root, name, model_dir, family_name, **trainer) -> list[dict]:
+    proc = launch(root, name, model_dir, family_name, **trainer)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return history(root, name)
 
@@ -165,16 +163,8 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(packed_projec
     root, family_name, model_dir = packed_project
     if family_name != "qwen2_5_vl":
         pytest.skip("one family is enough")
-    path = write_params(
+    proc = launch(
         root, "diverge", model_dir, family_name, max_steps=4, nproc_per_node=2, learning_rate=1e30, max_grad_norm=1e30
-    )
-    proc = subprocess.run(
-        command(path),
-        cwd=root,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=600,
     )
     assert proc.returncode != 0
     assert "non-finite loss" in proc.stdout + proc.stderr and "at step" in proc.stdout + proc.stderr
