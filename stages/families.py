@@ -5,7 +5,7 @@ Other modules ask the registry (``family("qwen3_vl").patch_size``) instead of br
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from schemas.errors import ConfigError
@@ -141,44 +141,18 @@ _FAMILIES = {
                 "num_position_embeddings": 256,
             },
         ),
-        ModelFamily(
-            processor_type="qwen3_vl_moe",
-            model_class="Qwen3VLMoeForConditionalGeneration",
-            config_class="Qwen3VLMoeConfig",
-            processor_class="Qwen3VLProcessor",
-            decoder_layer_class="Qwen3VLMoeTextDecoderLayer",
-            vision_block_class="Qwen3VLMoeVisionBlock",
-            patch_size=16,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            vision_tower_prefix="model.visual",
-            merger_prefix="model.visual.merger",
-            has_deepstack=True,
-            extra_tokens=EXTRA_TOKENS_QWEN3,
-            chat_template="qwen3_vl.jinja",
-            video_processor_class="Qwen3VLVideoProcessor",
-            image_mean=(0.5, 0.5, 0.5),
-            image_std=(0.5, 0.5, 0.5),
-            image_size={"shortest_edge": 65536, "longest_edge": 16777216},
-            tiny_text_config={
-                "rope_parameters": {
-                    "rope_type": "default",
-                    "rope_theta": 5000000.0,
-                    "mrope_section": [6, 5, 5],
-                    "mrope_interleaved": True,
-                }
-            },
-            tiny_vision_config={
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_heads": 4,
-                "deepstack_visual_indexes": [0],
-                "num_position_embeddings": 256,
-            },
-        ),
     )
 }
 
+# Qwen3-VL-MoE shares everything with Qwen3-VL but its classes.
+_FAMILIES["qwen3_vl_moe"] = replace(
+    _FAMILIES["qwen3_vl"],
+    processor_type="qwen3_vl_moe",
+    model_class="Qwen3VLMoeForConditionalGeneration",
+    config_class="Qwen3VLMoeConfig",
+    decoder_layer_class="Qwen3VLMoeTextDecoderLayer",
+    vision_block_class="Qwen3VLMoeVisionBlock",
+)
 FAMILY_NAMES = tuple(_FAMILIES)
 
 

@@ -72,7 +72,7 @@ def load_processor(params: Params):
         raise StageInputError(f"cannot load the processor from {name}: {exc}") from None
 
 
-def _init_worker(params_json: str, root: str, video_keys: dict) -> None:
+def _init_worker(params_json: str, root: str, video_keys: dict, processor=None) -> None:
     from schemas.params import Params
     from stages.decode.shards import FrameStore
     from stages.tokenize.render import SampleRenderer
@@ -81,7 +81,7 @@ def _init_worker(params_json: str, root: str, video_keys: dict) -> None:
     global _renderer
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker per core already
     params = Params.model_validate_json(params_json)
-    processor = load_processor(params)
+    processor = processor or load_processor(params)
     frames_dir = Path(root) / FRAMES
     store = FrameStore(frames_dir) if (frames_dir / "index.parquet").exists() else None
     _renderer = SampleRenderer(processor, VisionArgs.for_processor(processor, params.dataset_config), store, video_keys)
@@ -142,7 +142,8 @@ def _read_inputs(root: Path, params: Params) -> tuple[list[dict], dict[str, dict
 
 def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
     start = time.perf_counter()
-    vocab_size = len(load_processor(params).tokenizer)  # fail fast, in this process, with a clear message
+    processor = load_processor(params)  # fail fast, in this process, with a clear message
+    vocab_size = len(processor.tokenizer)
     samples, excluded, keys = _read_inputs(root, params)
     rejects = [
         {"sample_id": s["sample_id"], "source": s["source"], "row": s["row"], **excluded[s["sample_id"]]}
@@ -156,7 +157,7 @@ def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
     workers = max(1, min(os.cpu_count() or 1, len(chunks)))
     init_args = (params.model_dump_json(by_alias=True), str(root.resolve()), keys)
     if workers == 1:  # a small dataset: worker start-up (seconds) would cost more than the work
-        _init_worker(*init_args)
+        _init_worker(*init_args, processor=processor)  # the processor already loaded above
         results = map(_render_chunk, chunks)
     else:
         pool = ProcessPoolExecutor(

@@ -208,25 +208,20 @@ def test_killed_run_leaves_old_output_or_nothing_and_rerun_completes(video_proje
     params_file = video_project / "params.yaml"
     params_file.write_text(json.dumps(video_params("qwen2_5_vl").model_dump(by_alias=True, mode="json")))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run(
-        [sys.executable, "-m", "stages.validate", "--params", str(params_file)],
-        cwd=video_project,
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [sys.executable, "-m", "stages.decode", "--params", str(params_file)],
-        cwd=video_project,
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    reference = {p.name: p.read_bytes() for p in (video_project / "data/frames").iterdir()}
+
+    def stage(name: str) -> list[str]:
+        return [sys.executable, "-m", f"stages.{name}", "--params", str(params_file)]
+
+    def frames() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in (video_project / "data/frames").iterdir()}
+
+    for name in ("validate", "decode"):
+        subprocess.run(stage(name), cwd=video_project, env=env, check=True, capture_output=True)
+    reference = frames()
     shutil.rmtree(video_project / "data/frames")
     for delay in (0.5, 1.5, 2.5, 3.5):
         proc = subprocess.Popen(
-            [sys.executable, "-m", "stages.decode", "--params", str(params_file)],
+            stage("decode"),
             cwd=video_project,
             env=env,
             stdout=subprocess.DEVNULL,
@@ -236,15 +231,8 @@ def test_killed_run_leaves_old_output_or_nothing_and_rerun_completes(video_proje
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        frames = video_project / "data/frames"
-        if frames.exists():  # then it is a complete output, equal to the reference
-            assert {p.name: p.read_bytes() for p in frames.iterdir()} == reference
-    subprocess.run(
-        [sys.executable, "-m", "stages.decode", "--params", str(params_file)],
-        cwd=video_project,
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    assert {p.name: p.read_bytes() for p in (video_project / "data/frames").iterdir()} == reference
+        if (video_project / "data/frames").exists():  # then it is a complete output, equal to the reference
+            assert frames() == reference
+    subprocess.run(stage("decode"), cwd=video_project, env=env, check=True, capture_output=True)
+    assert frames() == reference
     assert not [p for p in (video_project / "data").iterdir() if p.name.startswith(".frames.tmp")]
