@@ -44,7 +44,7 @@ def run_stage(
 ) -> None:
     heal_dvc_state(project_dir)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **_prefect_api_env()}
     proc = subprocess.Popen(
         cmd,
         cwd=project_dir,
@@ -75,6 +75,20 @@ def run_stage(
         errors = [m.group(1) for line in tail if (m := ERROR_LINE.search(line))]
         reason = next((e for e in errors if e.startswith("qvl")), errors[0] if errors else tail[-1] if tail else "")
         raise StageFailed(f"stage {stage} failed (exit {code}): {reason}")
+
+
+def _prefect_api_env() -> dict[str, str]:
+    """Inside a flow run without PREFECT_API_URL (ephemeral mode): the URL of the flow's temporary server, so a
+    stage that maps its chunks through Prefect (orchestration.task_runner: dask) reports to the same server
+    instead of starting one of its own (seconds)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return {}
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return {}
+    return {"PREFECT_API_URL": str(get_client(sync_client=True).api_url)}
 
 
 class StagePlan:

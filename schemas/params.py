@@ -6,11 +6,12 @@ Unknown keys are errors that name the key and the nearest valid one (lmms-engine
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.errors import ConfigError
 
@@ -129,8 +130,36 @@ class RegistryConfig(Section):
 
 
 class OrchestrationConfig(Section):
+    """How the flow runs the stages; nothing here changes a stage's outputs, so no DVC stage depends on it."""
+
+    # "flow/deployment" on the GPU work pool that trains (flows/gpu.py); None: train in the flow's own process.
     gpu_deployment: str | None = None
+    # The DVC remote (a name from `dvc remote list`) the GPU dispatch pushes to and pulls from; None: the default.
     dvc_remote: str | None = None
+    # Where decode and tokenize run their chunks: a local process pool, or Dask through Prefect's DaskTaskRunner.
+    task_runner: Literal["local", "dask"] = "local"
+    # An existing Dask scheduler (tcp://host:port); None with task_runner dask: a temporary local cluster.
+    dask_address: str | None = None
+
+    @field_validator("gpu_deployment")
+    @classmethod
+    def _flow_slash_deployment(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[^/\s]+/[^/\s]+", v):
+            raise ValueError("expected FLOW/DEPLOYMENT, e.g. train_on_gpu/train-gpu")
+        return v
+
+    @field_validator("dask_address")
+    @classmethod
+    def _scheduler_address(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"((tcp|tls)://)?[\w.\-\[\]:]+:\d+", v):
+            raise ValueError("expected a Dask scheduler address, e.g. tcp://10.0.0.5:8786")
+        return v
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> OrchestrationConfig:
+        if self.dask_address and self.task_runner != "dask":
+            raise ValueError("dask_address is set but task_runner is 'local'; set task_runner: dask to use it")
+        return self
 
 
 class Params(Section):

@@ -2,16 +2,14 @@
 
 Recipe: collect distinct videos (content hash + clip + sampling options) from data/validated/samples.parquet
 -> plan each with qwen-vl-utils' arithmetic -> decode the planned frames in parallel processes (ffmpeg, then
-Qwen's resize) -> write shards, index and rejects atomically. A video that fails becomes a reject row naming
-the samples that use it; the other videos go on.
+Qwen's resize; a local pool, or Dask with orchestration.task_runner: dask) -> write shards, index and rejects
+atomically. A video that fails becomes a reject row naming the samples that use it; the other videos go on.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,6 +24,7 @@ from schemas.params import Params
 from stages.decode.ffmpeg_frames import DecodeError, decode_planned
 from stages.decode.sampling import SamplingOptions, plan_frames, video_key
 from stages.decode.shards import INDEX_FILE, INDEX_SCHEMA, ShardWriter
+from stages.executor import map_chunks
 from stages.families import family
 from stages.io import atomic_dir, write_json
 
@@ -157,15 +156,12 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
     workers = params.decode.workers or os.cpu_count() or 1
     threads = max(1, (os.cpu_count() or 1) // workers)
     index, rejects, frames_total, raw_bytes = [], [], 0, 0
-    with (
-        atomic_dir(root / OUT_DIR) as tmp,
-        ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver")) as pool,
-    ):
+    with atomic_dir(root / OUT_DIR) as tmp:
         writer = ShardWriter(tmp, params.decode.shard_target_mb * 1024 * 1024)
         decode = partial(
             decode_job, options=options, patch_size=fam.patch_size, root=str(root.resolve()), threads=threads
         )
-        results = pool.map(decode, jobs)
+        results = map_chunks(decode, jobs, workers=workers, config=params.orchestration, name="decode")
         for job, result in tqdm(
             zip(jobs, results, strict=True), total=len(jobs), desc="decode", unit="video", disable=None
         ):

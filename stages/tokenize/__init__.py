@@ -1,17 +1,16 @@
 """The tokenize stage: every accepted sample to token ids, labels and vision grids, with the real processor.
 
 Recipe: read accepted samples, drop those whose video failed to decode (recorded as rejects) -> render and
-tokenise in parallel worker processes (render.py) -> reject samples longer than packing_length (or stop, when
-filter_overlong is false) -> write data/tokenized/{samples,rejects}.parquet and metrics/tokenize.json.
+tokenise in parallel worker processes (render.py; a local pool, or Dask with orchestration.task_runner: dask)
+-> reject samples longer than packing_length (or stop, when filter_overlong is false) -> write
+data/tokenized/{samples,rejects}.parquet and metrics/tokenize.json.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from schemas.errors import PipelineError, StageInputError
 from schemas.params import Params
+from stages.executor import map_chunks
 from stages.io import atomic_dir, write_json
 
 SAMPLES = Path("data/validated/samples.parquet")
@@ -54,6 +54,7 @@ REJECTS_SCHEMA = pa.schema(
 )
 
 _renderer = None  # one per worker process
+_loaded = None  # (processor_name, processor) that run() loaded, reused when the chunks run in its own process
 
 
 def load_processor(params: Params):
@@ -72,7 +73,7 @@ def load_processor(params: Params):
         raise StageInputError(f"cannot load the processor from {name}: {exc}") from None
 
 
-def _init_worker(params_json: str, root: str, video_keys: dict, processor=None) -> None:
+def _init_worker(params_json: str, root: str, video_keys: dict) -> None:
     from schemas.params import Params
     from stages.decode.shards import FrameStore
     from stages.tokenize.render import SampleRenderer
@@ -81,7 +82,8 @@ def _init_worker(params_json: str, root: str, video_keys: dict, processor=None) 
     global _renderer
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker per core already
     params = Params.model_validate_json(params_json)
-    processor = processor or load_processor(params)
+    name = params.dataset_config.processor_config.processor_name
+    processor = _loaded[1] if _loaded and _loaded[0] == name else load_processor(params)
     frames_dir = Path(root) / FRAMES
     store = FrameStore(frames_dir) if (frames_dir / "index.parquet").exists() else None
     _renderer = SampleRenderer(processor, VisionArgs.for_processor(processor, params.dataset_config), store, video_keys)
@@ -141,8 +143,14 @@ def _read_inputs(root: Path, params: Params) -> tuple[list[dict], dict[str, dict
 
 
 def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
+    global _loaded
     start = time.perf_counter()
     processor = load_processor(params)  # fail fast, in this process, with a clear message
+    # Workers may run in another directory (Dask): they get the processor directory as an absolute path.
+    worker_params = params.model_copy(deep=True)
+    name = str(Path(params.dataset_config.processor_config.processor_name).resolve())
+    worker_params.dataset_config.processor_config.processor_name = name
+    _loaded = (name, processor)
     vocab_size = len(processor.tokenizer)
     samples, excluded, keys = _read_inputs(root, params)
     rejects = [
@@ -155,18 +163,18 @@ def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
         [(s["sample_id"], s["messages"], s["media"]) for s in todo[i : i + CHUNK]] for i in range(0, len(todo), CHUNK)
     ]
     workers = max(1, min(os.cpu_count() or 1, len(chunks)))
-    init_args = (params.model_dump_json(by_alias=True), str(root.resolve()), keys)
-    if workers == 1:  # a small dataset: worker start-up (seconds) would cost more than the work
-        _init_worker(*init_args, processor=processor)  # the processor already loaded above
-        results = map(_render_chunk, chunks)
-    else:
-        pool = ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_init_worker, initargs=init_args
-        )
-        results = pool.map(_render_chunk, chunks)
+    init_args = (worker_params.model_dump_json(by_alias=True), str(root.resolve()), keys)
+    # One worker for a small dataset: worker start-up (seconds) would cost more than the work.
+    results = map_chunks(
+        _render_chunk,
+        chunks,
+        workers=workers,
+        config=params.orchestration,
+        name="tokenize",
+        init=_init_worker,
+        init_args=init_args,
+    )
     tables = list(tqdm(results, total=len(chunks), desc="tokenize", unit="chunk", disable=None))
-    if workers > 1:
-        pool.shutdown()
     table = pa.concat_tables(tables) if tables else TOKENIZED_SCHEMA.empty_table()
     cap = params.dataset_config.packing_length
     too_long = pc.greater(table.column("length"), cap)

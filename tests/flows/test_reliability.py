@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.flows.test_end_to_end import ENV, sh
+from tests.flows.helpers import ENV, sh
 
 pytestmark = pytest.mark.slow
 DATA_STAGES = ["validate", "decode", "tokenize", "pack"]

@@ -1,0 +1,59 @@
+"""Where a stage's chunks of work run: this process, a local forkserver pool, or Dask through Prefect.
+
+Decode and tokenize hand their chunk function here (`map_chunks`); `orchestration.task_runner` picks the engine.
+Results come back in chunk order whatever the engine, so the stage's outputs are byte-identical. The Dask path
+lives in `flows/dask_runner.py` (Prefect's DaskTaskRunner) and is imported only when configured, so the stages
+themselves never import Prefect.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, TypeVar
+
+from schemas.params import OrchestrationConfig
+
+C = TypeVar("C")
+R = TypeVar("R")
+
+
+def map_chunks(
+    fn: Callable[[C], R],
+    chunks: Sequence[C],
+    *,
+    workers: int,
+    config: OrchestrationConfig,
+    name: str,
+    init: Callable[..., None] | None = None,
+    init_args: tuple[Any, ...] = (),
+) -> Iterator[R]:
+    """``fn`` over ``chunks``, results in chunk order. ``init(*init_args)`` runs once per worker process before
+    its first chunk (in this process when ``workers`` is 1). ``fn``, ``init`` and the chunks must pickle, and
+    ``fn`` / ``init`` must be module-level functions (or partials of them) importable by the workers."""
+    if config.task_runner == "dask":
+        if not chunks:
+            return iter(())
+        from flows.dask_runner import map_on_dask
+
+        return map_on_dask(
+            fn, chunks, address=config.dask_address, workers=workers, name=name, init=init, init_args=init_args
+        )
+    if workers <= 1:
+        return _in_process(fn, chunks, init, init_args)
+    return _pool(fn, chunks, workers, init, init_args)
+
+
+def _in_process(fn, chunks, init, init_args) -> Iterator:
+    """One worker: no process start-up (seconds with torch and transformers) for work this small."""
+    if init is not None:
+        init(*init_args)
+    return map(fn, chunks)
+
+
+def _pool(fn, chunks, workers, init, init_args) -> Iterator:
+    """A forkserver pool (forking a parent that runs torch threads can deadlock); shut down once exhausted."""
+    ctx = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init, initargs=init_args) as pool:
+        yield from pool.map(fn, chunks)

@@ -1,0 +1,168 @@
+"""Decode and tokenize on Dask through Prefect's DaskTaskRunner (orchestration.task_runner: dask): a real
+`dask scheduler` and `dask worker` on loopback, and a temporary local cluster, give the same output bytes as the
+local pool; a scheduler that does not answer is one clear error line."""
+
+import re
+import shutil
+import signal
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from schemas.errors import ConfigError
+from schemas.params import parse_params
+from stages.executor import map_chunks
+from tests.conftest import REPO, pipeline_params
+from tests.flows.helpers import BIN, ENV, edit_params, free_port, sh, start, stop
+
+OUTPUTS = ("data/frames", "data/tokenized")
+FFMPEG_POINTER = re.compile(r" @ 0x[0-9a-f]+")  # ffmpeg names its decoder by address in error lines
+
+
+def outputs(root) -> dict[str, object]:
+    """Every output file's bytes; reject tables by value with ffmpeg's object addresses masked (they differ from
+    one process to the next whatever runs the chunks)."""
+    found = {}
+    for folder in OUTPUTS:
+        for path in sorted((root / folder).iterdir()):
+            key = f"{folder}/{path.name}"
+            if path.name == "rejects.parquet":
+                rows = pq.read_table(path).to_pylist()
+                found[key] = [
+                    {k: FFMPEG_POINTER.sub("", v) if k == "detail" else v for k, v in r.items()} for r in rows
+                ]
+            else:
+                found[key] = path.read_bytes()
+    return found
+
+
+def run_stages(root, env, *names) -> str:
+    out = ""
+    for name in names:
+        proc = sh(sys.executable, "-m", f"stages.{name}", "--params", "params.yaml", cwd=root, env=env, timeout=600)
+        out += proc.stdout + proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, demo_dir, tiny_models):
+    """The demo project after validate, decode and tokenize with the local pool; returns it with its outputs."""
+    root = tmp_path_factory.mktemp("dask") / "project"
+    shutil.copytree(demo_dir, root / "data/demo")
+    params = pipeline_params(tiny_models["qwen2_5_vl"], "qwen2_5_vl")
+    (root / "params.yaml").write_text(params.model_dump_json(by_alias=True))
+    env = {**ENV, "PREFECT_HOME": str(root.parent / "prefect-home"), "PYTHONPATH": str(REPO)}
+    env.pop("PREFECT_API_URL", None)  # ephemeral Prefect: the stage starts (and shares) a temporary server
+    run_stages(root, env, "validate", "decode", "tokenize")
+    return root, env, outputs(root)
+
+
+def use_dask(root, address=None) -> None:
+    edit_params(root, orchestration={"task_runner": "dask", "dask_address": address})
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory):
+    """A real Dask scheduler and two single-threaded worker processes on loopback, importing this project."""
+    logs = tmp_path_factory.mktemp("dask-logs")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    env = {**ENV, "PYTHONPATH": str(REPO)}
+    host, port = address.removeprefix("tcp://").split(":")
+    dask = str(BIN / "dask")
+    scheduler = start(
+        dask, "scheduler", "--host", host, "--port", port, "--no-dashboard", cwd=REPO, env=env, log=logs / "s.log"
+    )
+    workers = start(
+        dask, "worker", address, "--host", host, "--nworkers", "2", "--nthreads", "1", "--no-dashboard",
+        cwd=REPO, env=env, log=logs / "w.log",
+    )  # fmt: skip
+    try:
+        from flows.dask_runner import check_scheduler
+
+        check_scheduler(address)  # waits until a worker has joined
+        yield address, logs / "w.log"
+    finally:
+        stop(workers, signal.SIGTERM)
+        stop(scheduler, signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_decode_and_tokenize_on_an_existing_dask_scheduler_equal_the_local_pool(project, dask_cluster):
+    root, env, local = project
+    address, worker_log = dask_cluster
+    use_dask(root, address)
+    log = run_stages(root, env, "decode", "tokenize")
+    assert outputs(root) == local
+    videos = len(pq.read_table(root / "data/frames/index.parquet")) + len(
+        pq.read_table(root / "data/frames/rejects.parquet")
+    )
+    assert f"decode: {videos} chunks on {address}" in log and f"tokenize: 1 chunks on {address}" in log
+    ran = re.findall(r"Task run '(\w+-chunk-\d+)' - Finished in state Completed", worker_log.read_text())
+    assert sorted(ran) == sorted([f"decode-chunk-{i}" for i in range(videos)] + ["tokenize-chunk-0"])
+    # The tokenize initializer (processor, frame store) ran in a Dask worker process, not in the stage.
+    from distributed import Client
+
+    with Client(address, timeout="10s") as client:
+        ready = client.run(lambda: __import__("flows.dask_runner").dask_runner._ready)
+    assert any(ready.values())
+
+
+@pytest.mark.slow
+def test_temporary_local_dask_cluster_equals_the_local_pool(project):
+    root, env, local = project
+    use_dask(root)
+    log = run_stages(root, env, "decode")  # tokenize's chunks take the same path (test above)
+    assert outputs(root) == local
+    assert "chunks on a temporary local cluster of 2 workers" in log
+
+
+@pytest.mark.slow
+def test_unreachable_dask_scheduler_is_one_clear_error_and_nothing_is_replaced(project):
+    root, env, local = project
+    address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    use_dask(root, address)
+    proc = run_failing(root, env, "decode")
+    assert proc.returncode == 2
+    assert f"qvl decode: error: orchestration.dask_address {address}: no Dask scheduler answers" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert outputs(root) == local
+
+
+def run_failing(root, env, stage):
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", "--params", "params.yaml"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    "orchestration, message",
+    [
+        ({"task_runner": "ray"}, "orchestration.task_runner: Input should be 'local' or 'dask'"),
+        ({"task_runner": "dask", "dask_address": "http//x"}, "expected a Dask scheduler address"),
+        ({"dask_address": "tcp://10.0.0.5:8786"}, "dask_address is set but task_runner is 'local'"),
+        ({"gpu_deployment": "train-gpu"}, "expected FLOW/DEPLOYMENT"),
+    ],
+)
+def test_bad_orchestration_config_is_a_clear_error(orchestration, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_params({"orchestration": orchestration})
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_local_map_chunks_keeps_chunk_order(workers):
+    config = parse_params({}).orchestration
+    assert list(map_chunks(_square, list(range(7)), workers=workers, config=config, name="t")) == [
+        x * x for x in range(7)
+    ]
