@@ -1,8 +1,9 @@
 """`qwen_vl_pipeline`: the Prefect flow that runs the DVC stages in order and publishes their artifacts.
 
 Run it in-process (`qvl run`, ephemeral Prefect), or deploy it (prefect.yaml) to a process work pool. With
-`orchestration.gpu_deployment` set, training is dispatched to that deployment on the GPU pool (run_deployment),
-which pulls its inputs from the DVC remote, trains and pushes the checkpoint back (flows/gpu.py).
+`orchestration.gpu_deployment` set, training is dispatched to that deployment on the GPU pool (run_deployment):
+the data stages' outputs are pushed to the DVC remote (`orchestration.dvc_remote`), the GPU flow pulls them, trains
+and pushes the checkpoint, which is pulled back here before register (flows/gpu.py, flows/dvc_remote.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from flows import artifacts
+from flows import artifacts, dvc_remote
 from flows.stage_runner import StageFailed, StagePlan, run_stage
 from schemas.params import load_params
 
@@ -45,17 +46,26 @@ def train_stage(project_dir: str) -> None:
 
 
 @task
-def dispatch_training(deployment: str, project_dir: str) -> None:
-    """Train on the GPU work pool and wait for it; the GPU flow pushes its outputs to the DVC remote."""
-    import subprocess
-    import sys
-
+def dispatch_training(deployment: str, project_dir: str, remote: str | None) -> None:
+    """Train on the GPU work pool and wait for it: push the data stages' outputs to the DVC remote, hand the GPU
+    flow this run's params.yaml and dvc.lock, then take back its train lock entry and pull the checkpoint."""
     from prefect.deployments import run_deployment
 
-    run = run_deployment(deployment, parameters={"project_dir": project_dir})
+    root = Path(project_dir)
+    logger = get_run_logger()
+    logger.info(f"pushing {', '.join(dvc_remote.DATA_STAGES)} outputs to the DVC remote")
+    dvc_remote.push(root, remote, dvc_remote.DATA_STAGES)
+    parameters = {
+        "params_yaml": (root / "params.yaml").read_text(),
+        "dvc_lock": (root / "dvc.lock").read_text(),
+        "git_commit": dvc_remote.git_commit(root),
+    }
+    run = run_deployment(deployment, parameters=parameters)
     if not run.state.is_completed():
         raise StageFailed(f"training deployment {deployment} ended {run.state.name}: {run.state.message}")
-    subprocess.run([sys.executable, "-m", "dvc", "pull", "train"], cwd=project_dir, check=True)
+    dvc_remote.apply_train_record(root, dvc_remote.read_train_record(run.id))
+    dvc_remote.pull(root, remote, ("train",))
+    logger.info(f"checkpoint from {deployment} (flow run {run.name}) pulled from the DVC remote")
 
 
 @flow(name="qwen_vl_pipeline", log_prints=True)
@@ -79,7 +89,8 @@ def qwen_vl_pipeline(project_dir: str = str(PROJECT)) -> dict:
     stage("pack", compute_stage, "pack", project_dir)
     artifacts.packing_summary(root)
     if params.orchestration.gpu_deployment:
-        stage("train", dispatch_training, params.orchestration.gpu_deployment, project_dir)
+        orch = params.orchestration
+        stage("train", dispatch_training, orch.gpu_deployment, project_dir, orch.dvc_remote)
     else:
         stage("train", train_stage, project_dir)
     artifacts.loss_curve(root)
