@@ -76,7 +76,7 @@ def train_record(root: Path) -> dict:
     """The train stage's dvc.lock entry and the text of its outputs that are files (the uncached metrics and
     plot; the checkpoint directory goes through the remote)."""
     entry = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["train"]
-    files = {o["path"]: (root / o["path"]).read_text() for o in entry["outs"] if (root / o["path"]).is_file()}
+    files = {o["path"]: (root / o["path"]).read_bytes().decode() for o in entry["outs"] if (root / o["path"]).is_file()}
     return {"lock": entry, "files": files}
 
 
@@ -115,5 +115,5 @@ def apply_train_record(root: Path, record: dict) -> None:
     lock["stages"]["train"] = record["lock"]
     for path, text in record["files"].items():
         (root / path).parent.mkdir(parents=True, exist_ok=True)
-        (root / path).write_text(text)
+        (root / path).write_bytes(text.encode())  # bytes as they were (the CSV's \r\n line ends included)
     lock_path.write_text(yaml.safe_dump(lock, sort_keys=False))
