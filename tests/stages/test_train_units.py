@@ -13,6 +13,7 @@ from stages.train import preflight
 from stages.train.attention import ATTENTION_NAME
 from stages.train.data import RowBuilder, rank_micro_batches
 from stages.train.forward import row_loss_sum
+from stages.train.liger import apply_liger
 from stages.train.model import freeze, trainable_summary
 from stages.train.optim import build_optimizer
 from tests.conftest import pipeline_params
@@ -156,3 +157,18 @@ def test_preflight_errors(packed_project, tmp_path):
     wrap.trainer_args.fsdp_config.transformer_layer_cls_to_wrap = ["LlamaDecoderLayer"]
     with pytest.raises(ConfigError, match="names no module"):
         preflight(wrap, root, 2)
+    sp = params.model_copy(deep=True)
+    sp.trainer_args.sp_ulysses_degree = 3
+    with pytest.raises(ConfigError, match="sp_ulysses_degree 3: the world size 2 .* 4 attention heads do not divide"):
+        preflight(sp, root, 2)
+    sp.trainer_args.sp_ulysses_degree = 2
+    sp.model_config_.attn_implementation = "eager"
+    with pytest.raises(ConfigError, match="'eager' cannot run Ulysses sequence parallelism"):
+        preflight(sp, root, 2)
+
+
+def test_liger_is_ignored_on_cpu_with_a_reason(packed_project):
+    _, fam, _, model, _ = load(packed_project)
+    forward = model.forward
+    assert apply_liger(model, fam, torch.device("cpu")) == (False, "ignored on CPU (Liger kernels need a GPU)")
+    assert model.forward == forward
