@@ -39,7 +39,7 @@ def main() -> None:
     from stages.tokenize import run as tokenize
     from stages.tokenize.vision import VisionArgs
     from stages.train.data import RowBuilder
-    from stages.train.worker import token_loss_sum
+    from stages.train.forward import row_loss_sum
     from stages.validate import run as validate
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,7 +68,7 @@ def main() -> None:
         )
 
         def packed_step(row) -> int:
-            loss = token_loss_sum(model, row, torch.device("cpu")) / max(row.label_tokens, 1)
+            loss = row_loss_sum(model, row, torch.device("cpu")) / max(row.label_tokens, 1)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()

@@ -27,6 +27,8 @@ class ModelFamily:
     temporal_patch_size: int
     vision_tower_prefix: str  # parameter-name prefix of the vision tower
     merger_prefix: str  # parameter-name prefix of the vision-to-text projector
+    text_model_prefix: str  # module path of the text decoder stack (sequence parallelism shards its inputs)
+    liger_patch: str  # liger_kernel.transformers function that patches this family (RMSNorm, RoPE, SwiGLU, FLCE)
     has_deepstack: bool
     extra_tokens: tuple[str, ...]  # added tokens after the special ones, as in the released tokenizer
     chat_template: str  # file name under stages/templates/
@@ -64,6 +66,8 @@ _FAMILIES = {
             temporal_patch_size=2,
             vision_tower_prefix="model.visual",
             merger_prefix="model.visual.merger",
+            text_model_prefix="model.language_model",
+            liger_patch="apply_liger_kernel_to_qwen2_vl",
             has_deepstack=False,
             extra_tokens=EXTRA_TOKENS_QWEN2,
             chat_template="qwen2_5_vl.jinja",
@@ -88,6 +92,8 @@ _FAMILIES = {
             temporal_patch_size=2,
             vision_tower_prefix="model.visual",
             merger_prefix="model.visual.merger",
+            text_model_prefix="model.language_model",
+            liger_patch="apply_liger_kernel_to_qwen2_5_vl",
             has_deepstack=False,
             extra_tokens=EXTRA_TOKENS_QWEN2,
             chat_template="qwen2_5_vl.jinja",
@@ -118,6 +124,8 @@ _FAMILIES = {
             temporal_patch_size=2,
             vision_tower_prefix="model.visual",
             merger_prefix="model.visual.merger",
+            text_model_prefix="model.language_model",
+            liger_patch="apply_liger_kernel_to_qwen3_vl",
             has_deepstack=True,
             extra_tokens=EXTRA_TOKENS_QWEN3,
             chat_template="qwen3_vl.jinja",
@@ -152,6 +160,7 @@ _FAMILIES["qwen3_vl_moe"] = replace(
     config_class="Qwen3VLMoeConfig",
     decoder_layer_class="Qwen3VLMoeTextDecoderLayer",
     vision_block_class="Qwen3VLMoeVisionBlock",
+    liger_patch="apply_liger_kernel_to_qwen3_vl_moe",
 )
 FAMILY_NAMES = tuple(_FAMILIES)
 

@@ -33,7 +33,7 @@ def chat_template(fam: ModelFamily) -> str:
     return (TEMPLATES / fam.chat_template).read_text(encoding="utf-8")
 
 
-def _token_ids() -> dict[str, int]:
+def token_ids() -> dict[str, int]:
     ids = {t: 151643 + i for i, t in enumerate(SPECIAL_TOKENS)}
     return {
         "image_token_id": ids["<|image_pad|>"],
@@ -55,7 +55,7 @@ def build_config(fam: ModelFamily):
         "out_hidden_size": TINY_TEXT["hidden_size"],
         **fam.tiny_vision_config,
     }
-    return config_cls(text_config=text, vision_config=vision, tie_word_embeddings=True, **_token_ids())
+    return config_cls(text_config=text, vision_config=vision, tie_word_embeddings=True, **token_ids())
 
 
 def build_processor(fam: ModelFamily):

@@ -50,11 +50,16 @@ def preflight(params: Params, root: Path, world: int) -> None:
     import torch
     from transformers import AutoConfig
 
-    from stages.train.model import wrap_classes
+    from stages.train.model import choose_attention, wrap_classes
+    from stages.train.sequence_parallel import check_degree
 
+    model_config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):  # the architecture only, no weights: checks the FSDP wrap classes
-        architecture = fam.transformers_class(fam.model_class)._from_config(AutoConfig.from_pretrained(model_dir))
+        architecture = fam.transformers_class(fam.model_class)._from_config(model_config)
     wrap_classes(architecture, params, fam)
+    sp_degree = params.trainer_args.sp_ulysses_degree
+    check_degree(sp_degree, world, model_config.text_config)
+    choose_attention(params.model_config_.attn_implementation, torch.device("cpu"), sp_degree)
     for path in (PACKS, TOKENIZED):
         if not (root / path).is_file():
             raise StageInputError(f"{root / path} not found: run `qvl tokenize` and `qvl pack` first")
@@ -93,14 +98,13 @@ def preflight(params: Params, root: Path, world: int) -> None:
                 f"{len(videos - present)} video(s) of the tokenized data are missing from data/frames: re-run decode"
             )
     args = params.trainer_args
-    if len(packs) < world * args.per_device_train_batch_size:
+    data_parallel = world // sp_degree
+    if len(packs) < data_parallel * args.per_device_train_batch_size:
         raise ConfigError(
-            f"{len(packs)} pack(s) cannot feed {world} rank(s) x per_device_train_batch_size "
+            f"{len(packs)} pack(s) cannot feed {data_parallel} data-parallel group(s) x per_device_train_batch_size "
             f"{args.per_device_train_batch_size}; use fewer processes or a smaller packing_length"
         )
     check_available(args.report_to)
-    if args.sp_ulysses_degree > 1:
-        raise ConfigError("sp_ulysses_degree > 1 is not available yet (sequence parallelism is a later issue)")
 
 
 def free_port() -> int:

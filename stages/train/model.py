@@ -2,31 +2,33 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from schemas.errors import ConfigError
 from schemas.params import Params
 from stages.families import ModelFamily
+from stages.train.attention import ATTENTION_NAME, kernel_name
 
 
-def choose_attention(requested: str, device: torch.device) -> tuple[str, str]:
-    """(attn_implementation, the reason, for the log line)."""
-    if requested != "auto":
-        return requested, "as configured"
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2", "flash-attn is installed"
-    return "sdpa", (
-        "packed position_ids give sdpa a block-diagonal causal mask (padding-free, exact); flash-attn is not installed"
-    )
+def choose_attention(requested: str, device: torch.device, sp_degree: int) -> tuple[str, str]:
+    """(attn_implementation of the text tower, the reason, for the log line)."""
+    if requested == "auto":
+        return ATTENTION_NAME, f"padding-free packed attention: {kernel_name(device)}"
+    if sp_degree > 1 and requested != ATTENTION_NAME:
+        raise ConfigError(
+            f"model_config.attn_implementation {requested!r} cannot run Ulysses sequence parallelism "
+            f"(sp_ulysses_degree {sp_degree}); use 'auto' or {ATTENTION_NAME!r}"
+        )
+    return requested, "as configured"
 
 
 def load_model(params: Params, fam: ModelFamily, device: torch.device, attention: str):
+    """The model in fp32 (FSDP2 casts for bf16); the vision tower keeps sdpa under ``qvl_packed``."""
     cls = fam.transformers_class(fam.model_class)
+    implementation = {"text_config": attention, "vision_config": "sdpa"} if attention == ATTENTION_NAME else attention
     model = cls.from_pretrained(
-        params.model_config_.load_from_pretrained_path, attn_implementation=attention, dtype=torch.float32
+        params.model_config_.load_from_pretrained_path, attn_implementation=implementation, dtype=torch.float32
     )
     model.config.use_cache = False  # a cache skips the packed mask silently (DESIGN.md)
     if params.trainer_args.gradient_checkpointing:

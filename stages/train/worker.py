@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from schemas.errors import PipelineError
@@ -23,29 +22,18 @@ from schemas.params import load_params
 from stages.families import family
 from stages.train import checkpoint
 from stages.train.data import LoaderState, PrefetchLoader, RowBuilder, epoch_order, rank_micro_batches
+from stages.train.forward import row_loss_sum
+from stages.train.liger import apply_liger
 from stages.train.model import choose_attention, freeze, load_model, trainable_summary, wrap_fsdp2
 from stages.train.optim import build_optimizer, build_scheduler
 from stages.train.reporters import Reporters
+from stages.train.sequence_parallel import build_layout, check_degree, shard_text_model_inputs
 from stages.train.telemetry import parameter_counts, peak_flops, step_flops, write_outputs
 
 
 def log(message: str) -> None:
     if dist.get_rank() == 0:
         print(message, flush=True)
-
-
-def token_loss_sum(model, row, device) -> torch.Tensor:
-    """Sum of cross-entropy over the row's label tokens; only those positions go through lm_head."""
-    keep = (row.targets[0] != -100).nonzero().flatten().to(device)
-    vision = {k: v.to(device) for k, v in row.vision.items()}
-    out = model(
-        input_ids=row.input_ids.to(device),
-        position_ids=row.position_ids.to(device),
-        use_cache=False,
-        logits_to_keep=keep,
-        **vision,
-    )
-    return F.cross_entropy(out.logits[0].float(), row.targets[0, keep.cpu()].to(device), reduction="sum")
 
 
 def train(params_path: str) -> None:
@@ -64,12 +52,23 @@ def train(params_path: str) -> None:
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
 
-    # Model
-    attention, why = choose_attention(params.model_config_.attn_implementation, device)
-    log(f"attention: {attention} ({why}); device {device.type}, world size {world}")
-    if args.use_liger_kernel and device.type != "cuda":
-        log("use_liger_kernel: ignored on CPU (Liger kernels need a GPU)")
+    # Model, sequence-parallel layout, kernels
+    attention, why = choose_attention(params.model_config_.attn_implementation, device, args.sp_ulysses_degree)
     model = load_model(params, fam, device, attention)
+    check_degree(args.sp_ulysses_degree, world, model.config.text_config)
+    layout = build_layout(args.sp_ulysses_degree)
+    sp = layout.sp
+    if sp is not None:
+        shard_text_model_inputs(model.get_submodule(fam.text_model_prefix), sp)
+    leads_sp_group = sp is None or sp.rank == 0  # one rank per SP group counts tokens and packs
+    log(
+        f"attention: {attention} ({why}); device {device.type}, world size {world} = "
+        f"{layout.dp_size} data-parallel x {args.sp_ulysses_degree} sequence-parallel"
+    )
+    liger = False
+    if args.use_liger_kernel:
+        liger, why = apply_liger(model, fam, device)
+        log(f"use_liger_kernel: {why}")
     freeze(model, args.freeze_modules)
     for line in trainable_summary(model, fam):
         log(f"  {line}")
@@ -86,7 +85,7 @@ def train(params_path: str) -> None:
         root, processor, VisionArgs.for_processor(processor, cfg), fam.transformers_class(fam.model_class), model.config
     )
     pack_ids = sorted(builder.packs)
-    global_batch = world * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    global_batch = layout.dp_size * args.per_device_train_batch_size * args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(pack_ids) / global_batch)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
     optimizer = build_optimizer(model, args, fam)
@@ -120,7 +119,12 @@ def train(params_path: str) -> None:
             mb
             for s in range(steps_left)
             for mb in rank_micro_batches(
-                remaining, s, world, rank, args.per_device_train_batch_size, args.gradient_accumulation_steps
+                remaining,
+                s,
+                layout.dp_size,
+                layout.dp_rank,
+                args.per_device_train_batch_size,
+                args.gradient_accumulation_steps,
             )
         ]
         rows = iter(PrefetchLoader(builder, plan, args.dataloader_num_workers))
@@ -129,20 +133,28 @@ def train(params_path: str) -> None:
                 break
             started = time.perf_counter()
             micro = [next(rows) for _ in range(args.gradient_accumulation_steps)]
+            seqs = [n for r in micro for n in r.seq_lengths()]
+            patches = sum(int(g.prod(-1).sum()) for r in micro for k, g in r.vision.items() if k.endswith("grid_thw"))
             counts = torch.tensor(
-                [sum(r.label_tokens for r in micro), sum(r.tokens for r in micro)], dtype=torch.float64
-            )
+                [
+                    sum(r.label_tokens for r in micro),
+                    sum(r.tokens for r in micro),
+                    *step_flops(lm_params, vision_params, model.config.text_config, seqs, patches),
+                ],
+                dtype=torch.float64,
+            ) * float(leads_sp_group)
             dist.all_reduce(counts)
-            label_tokens, tokens = int(counts[0]), int(counts[1])
+            label_tokens, tokens, lm_flops, vis_flops = int(counts[0]), int(counts[1]), *counts[2:].tolist()
             loss_sum = torch.zeros((), dtype=torch.float64)
             for row in micro:
-                row_loss = token_loss_sum(model, row, device)
+                row_loss = row_loss_sum(model, row, device, sp, liger, processor.tokenizer.pad_token_id or 0)
                 # FSDP averages gradients over ranks: scale by world so the result is sum / global label tokens.
                 (row_loss * world / max(label_tokens, 1)).backward()
                 loss_sum += row_loss.detach().double().cpu()
             dist.all_reduce(loss_sum)
             trained_packs: list[list[int]] = [[] for _ in range(world)]
-            dist.all_gather_object(trained_packs, [p for r in micro if not r.is_dummy for p in r.pack_ids])
+            mine = [p for r in micro if not r.is_dummy for p in r.pack_ids] if leads_sp_group else []
+            dist.all_gather_object(trained_packs, mine)
             loss = float(loss_sum) / max(label_tokens, 1)
             if not math.isfinite(loss):
                 packs = [r.pack_ids for r in micro]
@@ -158,9 +170,6 @@ def train(params_path: str) -> None:
             step += 1
             state.packs_done += min(global_batch, len(remaining) - s * global_batch)
             seconds = time.perf_counter() - started
-            seqs = [n for r in micro for n in r.seq_lengths()]
-            patches = sum(int(g.prod(-1).sum()) for r in micro for k, g in r.vision.items() if k.endswith("grid_thw"))
-            lm_flops, vis_flops = step_flops(lm_params, vision_params, model.config.text_config, seqs, patches)
             history.append(
                 {
                     "step": step,
@@ -171,8 +180,8 @@ def train(params_path: str) -> None:
                     "epoch": state.epoch,
                     "packs": sorted(p for ps in trained_packs for p in ps),
                     "seconds": seconds,
-                    "lm_flops": lm_flops * world,
-                    "vision_flops": vis_flops * world,
+                    "lm_flops": lm_flops,
+                    "vision_flops": vis_flops,
                 }
             )
             reporters.log(

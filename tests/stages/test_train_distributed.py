@@ -72,6 +72,15 @@ def test_world_size_and_accumulation_do_not_change_the_result(packed_project, re
     assert [h["packs"] for h in single] == [h["packs"] for h in reference]
 
 
+def test_sp_with_data_parallelism_equals_plain_data_parallelism(packed_project, reference):
+    """4 processes = 2 data-parallel groups x SP 2, against 2 processes without SP: same packs, same losses."""
+    root, family_name, model_dir = packed_project
+    combined = train(root, "dp2sp2", model_dir, family_name, max_steps=4, nproc_per_node=4, sp_ulysses_degree=2)
+    assert [h["packs"] for h in combined] == [h["packs"] for h in reference]
+    assert losses(combined) == pytest.approx(losses(reference), rel=1e-5)
+    assert [h["label_tokens"] for h in combined] == [h["label_tokens"] for h in reference]
+
+
 def test_every_pack_once_per_epoch(packed_project, reference):
     root = packed_project[0]
     import pyarrow.parquet as pq

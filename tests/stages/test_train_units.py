@@ -10,19 +10,22 @@ from schemas.errors import ConfigError, StageInputError
 from stages.families import family
 from stages.tokenize.vision import VisionArgs
 from stages.train import preflight
+from stages.train.attention import ATTENTION_NAME
 from stages.train.data import RowBuilder, rank_micro_batches
+from stages.train.forward import row_loss_sum
+from stages.train.liger import apply_liger
 from stages.train.model import freeze, trainable_summary
 from stages.train.optim import build_optimizer
-from stages.train.worker import token_loss_sum
 from tests.conftest import pipeline_params
 
 
-def load(project):
+def load(project, attention="sdpa"):
     root, family_name, model_dir = project
     fam = family(family_name)
     params = pipeline_params(model_dir, family_name)
+    implementation = {"text_config": attention, "vision_config": "sdpa"}
     model = fam.transformers_class(fam.model_class).from_pretrained(
-        model_dir, attn_implementation="sdpa", dtype=torch.float32
+        model_dir, attn_implementation=implementation, dtype=torch.float32
     )
     processor = AutoProcessor.from_pretrained(model_dir)
     builder = RowBuilder(
@@ -37,16 +40,18 @@ def load(project):
 
 def loss_and_grads(model, row):
     model.zero_grad(set_to_none=True)
-    loss = token_loss_sum(model, row, torch.device("cpu"))
+    loss = row_loss_sum(model, row, torch.device("cpu"))
     loss.backward()
     return loss.detach().double(), {
         n: p.grad.double().clone() for n, p in model.named_parameters() if p.grad is not None
     }
 
 
-def test_packed_row_equals_its_samples_alone(packed_project):
-    """The test that catches attention or rope leaking across packed samples (fp32, relative error < 1e-5)."""
-    root, fam, _, model, builder = load(packed_project)
+@pytest.mark.parametrize("attention", ["sdpa", ATTENTION_NAME])
+def test_packed_row_equals_its_samples_alone(packed_project, attention):
+    """The test that catches attention or rope leaking across packed samples (fp32, relative error < 1e-5):
+    transformers' sdpa with the block-diagonal mask it builds, and this project's padding-free attention."""
+    root, fam, _, model, builder = load(packed_project, attention)
     pack_id = max(builder.packs, key=lambda p: len(builder.packs[p]))  # the pack with the most samples
     sample_ids = builder.packs[pack_id]
     assert len(sample_ids) >= 3
@@ -141,7 +146,7 @@ def test_preflight_errors(packed_project, tmp_path):
             root,
             2,
         )
-    with pytest.raises(ConfigError, match="cannot feed 64 rank"):
+    with pytest.raises(ConfigError, match="cannot feed 64 data-parallel"):
         preflight(params, root, 64)
     other = "qwen3_vl" if family_name == "qwen2_5_vl" else "qwen2_5_vl"
     wrong = params.model_copy(deep=True)
@@ -152,3 +157,18 @@ def test_preflight_errors(packed_project, tmp_path):
     wrap.trainer_args.fsdp_config.transformer_layer_cls_to_wrap = ["LlamaDecoderLayer"]
     with pytest.raises(ConfigError, match="names no module"):
         preflight(wrap, root, 2)
+    sp = params.model_copy(deep=True)
+    sp.trainer_args.sp_ulysses_degree = 3
+    with pytest.raises(ConfigError, match="sp_ulysses_degree 3: the world size 2 .* 4 attention heads do not divide"):
+        preflight(sp, root, 2)
+    sp.trainer_args.sp_ulysses_degree = 2
+    sp.model_config_.attn_implementation = "eager"
+    with pytest.raises(ConfigError, match="'eager' cannot run Ulysses sequence parallelism"):
+        preflight(sp, root, 2)
+
+
+def test_liger_is_ignored_on_cpu_with_a_reason(packed_project):
+    _, fam, _, model, _ = load(packed_project)
+    forward = model.forward
+    assert apply_liger(model, fam, torch.device("cpu")) == (False, "ignored on CPU (Liger kernels need a GPU)")
+    assert model.forward == forward

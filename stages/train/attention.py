@@ -1,0 +1,110 @@
+"""Padding-free attention over packed rows, registered with transformers as ``qvl_packed`` (text tower only).
+
+Each forward call carries a `PackedSegments` (cu_seqlens over the whole packed row) in its keyword arguments;
+transformers hands those to every text attention call. With Ulysses sequence parallelism q/k/v arrive sharded
+along the sequence: an all-to-all trades that for a shard of the heads, attention runs over the whole row, and a
+second all-to-all trades back (stages/train/sequence_parallel.py).
+
+Kernels, fastest available first: flash-attn's varlen kernel (when importable, CUDA), torch's
+``torch.nn.attention.varlen.varlen_attn`` (CUDA), one causal SDPA call per packed sample (any device, exact).
+No path builds an L x L mask.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from stages.train.sequence_parallel import SequenceParallel, heads_to_sequence, sequence_to_heads
+
+ATTENTION_NAME = "qvl_packed"
+
+
+@dataclass
+class PackedSegments:
+    """Where each packed sample starts in the (whole, unsharded) row; the same on every rank of an SP group."""
+
+    cu_seqlens: torch.Tensor  # int32, (samples + 1,), on the model's device
+    max_len: int
+    sp: SequenceParallel | None = None
+
+    @classmethod
+    def from_text_positions(
+        cls, text_positions: torch.Tensor, device: torch.device, sp: SequenceParallel | None = None
+    ) -> PackedSegments:
+        """``text_positions`` (L,) restart at 0 for each packed sample (stages/train/data.py)."""
+        starts = (text_positions == 0).nonzero().flatten()
+        cu = torch.cat([starts, torch.tensor([text_positions.numel()])])
+        return cls(cu.to(device=device, dtype=torch.int32), int((cu[1:] - cu[:-1]).max()), sp)
+
+
+def kernel_name(device: torch.device) -> str:
+    """The kernel ``qvl_packed`` uses on ``device`` (for the start-up log line)."""
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash-attn varlen"
+    if device.type == "cuda":
+        return "torch varlen_attn"
+    return "causal SDPA per packed sample"
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: PackedSegments, scale: float) -> torch.Tensor:
+    """Causal attention inside each segment. q (1, H, L, D), k/v (1, H_kv, L, D) -> (1, L, H, D)."""
+    if q.is_cuda:
+        q3, k3, v3 = (t[0].transpose(0, 1) for t in (q, k, v))  # (L, heads, D)
+        cu, n = seg.cu_seqlens, seg.max_len
+        if importlib.util.find_spec("flash_attn") is not None:
+            from flash_attn import flash_attn_varlen_func
+
+            out = flash_attn_varlen_func(q3, k3, v3, cu, cu, n, n, softmax_scale=scale, causal=True)
+        else:
+            from torch.nn.attention.varlen import varlen_attn
+
+            out = varlen_attn(q3, k3, v3, cu, cu, n, n, scale=scale, window_size=(-1, 0), enable_gqa=True)
+        return out.unsqueeze(0)
+    bounds = seg.cu_seqlens.tolist()
+    parts = [
+        F.scaled_dot_product_attention(
+            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, scale=scale, enable_gqa=True
+        )
+        for a, b in zip(bounds, bounds[1:], strict=False)
+    ]
+    return torch.cat(parts, dim=2).transpose(1, 2)
+
+
+def packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    packed_segments: PackedSegments | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The transformers attention-function signature: q/k/v (batch 1, heads, seq, dim) -> ((1, seq, heads, dim),
+    None). The mask transformers would build is not used (and not built: see `register`)."""
+    if packed_segments is None:
+        raise ValueError(f"attn_implementation {ATTENTION_NAME!r} needs packed_segments in the forward kwargs")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    sp = packed_segments.sp
+    if sp is None or sp.size == 1:
+        return _attend(query, key, value, packed_segments, scale), None
+    kv_copies = max(1, sp.size // key.shape[1])  # fewer KV heads than ranks: replicate them (checked at start)
+    if kv_copies > 1:
+        key, value = key.repeat_interleave(kv_copies, dim=1), value.repeat_interleave(kv_copies, dim=1)
+    q, k, v = (sequence_to_heads(t, sp) for t in (query, key, value))
+    return heads_to_sequence(_attend(q, k, v, packed_segments, scale), sp), None
+
+
+def register() -> None:
+    """Make ``qvl_packed`` a valid attn_implementation. transformers builds no mask for a name its mask
+    interface does not know, which is what this function wants (it takes the segments instead)."""
+    AttentionInterface.register(ATTENTION_NAME, packed_attention)
+
+
+register()
