@@ -72,6 +72,16 @@ def git_commit(root: Path) -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
+def check_same_commit(root: Path, commit: str | None) -> None:
+    """The GPU checkout runs the code the pipeline ran (else the train stage's code hash would differ)."""
+    here = git_commit(root)
+    if commit and here and here != commit:
+        raise StageFailed(
+            f"the GPU checkout {root} is at commit {here[:12]} but the pipeline runs {commit[:12]}: check out "
+            "the same commit on the GPU host (the train stage's code must match)"
+        )
+
+
 def train_record(root: Path) -> dict:
     """The train stage's dvc.lock entry and the text of its outputs that are files (the uncached metrics and
     plot; the checkpoint directory goes through the remote)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows import dvc_remote
-from flows.stage_runner import StageFailed, run_stage
+from flows.stage_runner import run_stage
 from schemas.params import load_params
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -26,12 +26,7 @@ def train_on_gpu(
     """Without ``params_yaml`` / ``dvc_lock`` it trains what this checkout's own files describe."""
     root = Path(project_dir)
     logger = get_run_logger()
-    here = dvc_remote.git_commit(root)
-    if git_commit and here and here != git_commit:
-        raise StageFailed(
-            f"the GPU checkout {root} is at commit {here[:12]} but the pipeline runs {git_commit[:12]}: check out "
-            "the same commit on the GPU host (the train stage's code must match)"
-        )
+    dvc_remote.check_same_commit(root, git_commit)
     if params_yaml is not None:
         (root / "params.yaml").write_text(params_yaml)
     if dvc_lock is not None:
