@@ -23,14 +23,47 @@ class StageFailed(RuntimeError):
 def heal_dvc_state(project_dir: Path) -> None:
     """DVC writes `.dvc/tmp/rwlock` in place: a dvc process killed mid-write leaves it truncated and every later
     dvc command fails ("JSON structure is corrupted"). A truncated file records only dead holders (its writer
-    died), so it is removed; a readable one is left to DVC."""
+    died), so it is removed; a readable one is left to DVC. dvc.lock is rewritten in place too (below)."""
     lock = project_dir / ".dvc" / "tmp" / "rwlock"
     try:
         json.loads(lock.read_text())
     except FileNotFoundError:
-        return
+        pass
     except ValueError:
         lock.unlink(missing_ok=True)
+    heal_lockfile(project_dir / "dvc.lock")
+
+
+def heal_lockfile(path: Path) -> None:
+    """A dvc.lock cut short by a kill fails DVC's schema ("dvc.lock validation failed") and blocks every run.
+    Keep the stage entries that are complete; the dropped ones simply run again. A file that does not parse at
+    all is removed (every stage then runs again, and DVC skips none wrongly)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        return
+    except yaml.YAMLError:
+        path.unlink()
+        return
+    import voluptuous
+    from dvc.schema import COMPILED_LOCK_FILE_STAGE_SCHEMA, COMPILED_LOCKFILE_SCHEMA
+
+    try:
+        COMPILED_LOCKFILE_SCHEMA(data)
+        return
+    except voluptuous.Invalid:
+        pass
+    stages = data.get("stages") if isinstance(data, dict) else None
+    kept = {}
+    for name, entry in (stages if isinstance(stages, dict) else {}).items():
+        try:
+            COMPILED_LOCK_FILE_STAGE_SCHEMA(entry)
+        except voluptuous.Invalid:
+            continue
+        kept[name] = entry
+    path.write_text(yaml.safe_dump({"schema": "2.0", "stages": kept}, sort_keys=False))
 
 
 def dvc(*args: str, project_dir: Path, **kwargs) -> subprocess.CompletedProcess:

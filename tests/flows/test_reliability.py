@@ -80,3 +80,15 @@ def test_truncated_dvc_rwlock_is_repaired(project):
     assert subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=root, capture_output=True).returncode != 0
     sh(sys.executable, "-m", "stages.cli", "repro", "pack", cwd=root)
     assert lock_hashes(root) == reference
+
+
+def test_dvc_lock_cut_short_is_repaired(project):
+    """What a SIGKILL while DVC rewrites dvc.lock leaves behind (seen: "dvc.lock validation failed")."""
+    root, reference = project
+    sh(sys.executable, "-m", "stages.cli", "repro", "pack", cwd=root)
+    text = (root / "dvc.lock").read_text()
+    cut = text.index("  tokenize:")
+    (root / "dvc.lock").write_text(text[: text.index("\n", cut + 20) + 1])  # tokenize's entry cut after `cmd`
+    assert subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=root, capture_output=True).returncode != 0
+    sh(sys.executable, "-m", "stages.cli", "repro", "pack", cwd=root)
+    assert lock_hashes(root) == reference
