@@ -88,7 +88,7 @@ def test_dvc_lock_cut_short_is_repaired(project):
     sh(sys.executable, "-m", "stages.cli", "repro", "pack", cwd=root)
     text = (root / "dvc.lock").read_text()
     cut = text.index("  tokenize:")
-    (root / "dvc.lock").write_text(text[: text.index("\n", cut + 20) + 1])  # tokenize's entry cut after `cmd`
+    (root / "dvc.lock").write_text(text[: text.index("\n", cut) + 1])  # cut right after "  tokenize:"
     assert subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=root, capture_output=True).returncode != 0
     sh(sys.executable, "-m", "stages.cli", "repro", "pack", cwd=root)
     assert lock_hashes(root) == reference
