@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 from schemas.errors import StageInputError
 from schemas.params import Params
+from schemas.tables import DECODE_REJECTS_SCHEMA, FRAME_INDEX_SCHEMA
 from stages.decode.ffmpeg_frames import DecodeError, decode_planned
 from stages.decode.sampling import SamplingOptions, plan_frames, video_key
-from stages.decode.shards import INDEX_FILE, INDEX_SCHEMA, ShardWriter
+from stages.decode.shards import INDEX_FILE, ShardWriter
 from stages.executor import map_chunks
 from stages.families import family
 from stages.io import atomic_dir, write_json
@@ -31,15 +32,6 @@ from stages.io import atomic_dir, write_json
 SAMPLES = Path("data/validated/samples.parquet")
 OUT_DIR = Path("data/frames")
 METRICS = Path("metrics/decode.json")
-REJECTS_SCHEMA = pa.schema(
-    [
-        ("video_key", pa.string()),
-        ("path", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-        ("sample_ids", pa.list_(pa.string())),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -197,8 +189,8 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
                 }
             )
         writer.close()
-        pq.write_table(pa.Table.from_pylist(index, schema=INDEX_SCHEMA), tmp / INDEX_FILE)
-        pq.write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), tmp / "rejects.parquet")
+        pq.write_table(pa.Table.from_pylist(index, schema=FRAME_INDEX_SCHEMA), tmp / INDEX_FILE)
+        pq.write_table(pa.Table.from_pylist(rejects, schema=DECODE_REJECTS_SCHEMA), tmp / "rejects.parquet")
     excluded = {s for r in rejects for s in r["sample_ids"]}
     result = DecodeResult(
         len(jobs),

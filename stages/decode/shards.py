@@ -16,27 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-FRAME_SCHEMA = pa.schema([("video_key", pa.string()), ("frame", pa.int32()), ("pixels", pa.binary())])
-INDEX_SCHEMA = pa.schema(
-    [
-        ("video_key", pa.string()),
-        ("sha256", pa.string()),
-        ("path", pa.string()),
-        ("is_frame_list", pa.bool_()),
-        ("shard", pa.string()),
-        ("row_group", pa.int32()),
-        ("nframes", pa.int32()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("frames_indices", pa.list_(pa.int64())),
-        ("timestamps", pa.list_(pa.float64())),
-        ("video_fps", pa.float64()),
-        ("total_frames", pa.int64()),
-        ("fps_sampled", pa.float64()),
-        ("video_start", pa.float64()),
-        ("video_end", pa.float64()),
-    ]
-)
+from schemas.tables import FRAME_SCHEMA
+
 INDEX_FILE = "index.parquet"
 
 
@@ -95,7 +76,7 @@ class ShardWriter:
 
 @dataclass(frozen=True)
 class VideoFrames:
-    """A pre-decoded video: frames uint8 (T, H, W, 3) and its index row (sampling facts, see INDEX_SCHEMA)."""
+    """A pre-decoded video: frames uint8 (T, H, W, 3) and its index row (FRAME_INDEX_SCHEMA)."""
 
     frames: np.ndarray
     info: dict

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from schemas.errors import StageInputError
 from schemas.params import Params
+from schemas.tables import PACKS_SCHEMA
 from stages.io import atomic_dir, write_json
 from stages.pack.algorithms import assign_packs, pack_lengths
 
@@ -25,14 +26,6 @@ __all__ = ["pack_lengths", "run", "PackResult"]
 TOKENIZED = Path("data/tokenized/samples.parquet")
 OUT_DIR = Path("data/packed")
 METRICS = Path("metrics/pack.json")
-PACKS_SCHEMA = pa.schema(
-    [
-        ("pack_id", pa.int64()),
-        ("sample_ids", pa.list_(pa.string())),
-        ("lengths", pa.list_(pa.int32())),
-        ("total", pa.int64()),
-    ]
-)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from schemas.errors import PipelineError, StageInputError
 from schemas.params import Params
+from schemas.tables import TOKENIZE_REJECTS_SCHEMA, TOKENIZED_SCHEMA
 from stages.executor import map_chunks
 from stages.io import atomic_dir, write_json
 
@@ -29,29 +30,6 @@ FRAMES = Path("data/frames")
 OUT_DIR = Path("data/tokenized")
 METRICS = Path("metrics/tokenize.json")
 CHUNK = 256
-TOKENIZED_SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.string()),
-        ("input_ids", pa.list_(pa.int32())),
-        ("labels", pa.list_(pa.int32())),
-        ("length", pa.int32()),
-        ("label_tokens", pa.int32()),
-        ("image_paths", pa.list_(pa.string())),
-        ("image_grid_thw", pa.list_(pa.list_(pa.int32()))),
-        ("video_keys", pa.list_(pa.string())),
-        ("video_grid_thw", pa.list_(pa.list_(pa.int32()))),
-        ("second_per_grid_ts", pa.list_(pa.float64())),
-    ]
-)
-REJECTS_SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.string()),
-        ("source", pa.string()),
-        ("row", pa.int64()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-    ]
-)
 
 _renderer = None  # one per worker process
 _loaded = None  # (processor_name, processor) that run() loaded, reused when the chunks run in its own process
@@ -201,7 +179,7 @@ def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
     with atomic_dir(root / OUT_DIR) as tmp:
         vocab = {b"tokenizer_vocab_size": str(vocab_size).encode()}
         pq.write_table(kept.replace_schema_metadata(vocab), tmp / "samples.parquet", compression="zstd")
-        pq.write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), tmp / "rejects.parquet")
+        pq.write_table(pa.Table.from_pylist(rejects, schema=TOKENIZE_REJECTS_SCHEMA), tmp / "rejects.parquet")
     by_reason = dict(sorted(Counter(r["reason"] for r in rejects).items()))
     result = TokenizeResult(
         len(samples),
