@@ -7,11 +7,21 @@ pixels match Qwen's own pipeline instead of approximating it with ffmpeg's scale
 
 from __future__ import annotations
 
+import re
+
 import ffmpeg
 import imageio_ffmpeg
 import numpy as np
 
 from stages.decode.sampling import FramePlan
+
+FFMPEG_POINTER = re.compile(r" @ 0x[0-9a-f]+")
+
+
+def ffmpeg_lines(stderr: bytes) -> list[str]:
+    """ffmpeg's error lines without the object addresses it prints (`[h264 @ 0x55..]`): they change every run,
+    and a reject's detail must not, or the reject tables (and their DVC hashes) would differ between runs."""
+    return [FFMPEG_POINTER.sub("", line) for line in stderr.decode(errors="replace").strip().splitlines()]
 
 
 class DecodeError(Exception):
@@ -36,12 +46,12 @@ def decode_rgb(path: str, indices: list[int], src_height: int, src_width: int, t
     try:
         out, err = stream.run(cmd=imageio_ffmpeg.get_ffmpeg_exe(), capture_stdout=True, capture_stderr=True)
     except ffmpeg.Error as exc:
-        message = exc.stderr.decode(errors="replace").strip().splitlines()
+        message = ffmpeg_lines(exc.stderr)
         raise DecodeError("decode_error", f"ffmpeg failed: {message[-1] if message else exc}") from None
     frame_bytes = src_height * src_width * 3
     got = len(out) // frame_bytes
     if got < len(wanted):
-        first_error = err.decode(errors="replace").strip().splitlines()[:1]
+        first_error = ffmpeg_lines(err)[:1]
         raise DecodeError(
             "truncated_video",
             f"decoded {got} of the {len(wanted)} sampled frames (last wanted: frame "
