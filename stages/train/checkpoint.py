@@ -38,9 +38,10 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def run_fingerprint(params, root: Path) -> str:
-    """What a checkpoint depends on besides its own step: the training arguments, the model path and the packs.
-    A resumed run may change how long it runs, how often it saves, and how the global batch is laid out over
-    processes (ranks, per-device batch, accumulation): the loader counts packs, not steps."""
+    """What a checkpoint depends on besides its own step: the training arguments, the model path, the training
+    code, the packs, the tokenized samples and the frame index. A resumed run may change how long it runs, how
+    often it saves, and how the global batch is laid out over processes (ranks, sequence-parallel degree,
+    per-device batch, accumulation): the loader counts packs, not steps, and the checkpoints are layout-free."""
     import hashlib
 
     args = params.trainer_args.model_dump(
@@ -52,10 +53,15 @@ def run_fingerprint(params, root: Path) -> str:
             "nproc_per_node",
             "nnodes",
             "dataloader_num_workers",
+            "sp_ulysses_degree",
         }
     )
     digest = hashlib.sha256(json.dumps([args, params.model_config_.model_dump()], sort_keys=True).encode())
-    digest.update((root / "data/packed/packs.parquet").read_bytes())
+    code = sorted(Path(__file__).parent.glob("*.py"))
+    inputs = ["data/packed/packs.parquet", "data/tokenized/samples.parquet", "data/frames/index.parquet"]
+    for path in [*code, *(root / p for p in inputs)]:
+        if path.is_file():
+            digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 

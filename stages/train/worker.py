@@ -203,6 +203,8 @@ def train(params_path: str) -> None:
                     write_outputs(root, history, summarize(history, peak, device))
         if state.packs_done >= len(pack_ids):
             state = LoaderState(state.epoch + 1, 0)
+    if rank == 0 and history:  # also when a resumed run was already complete: DVC removed the old metrics
+        write_outputs(root, history, summarize(history, peak, device))
     progress.close()
     reporters.close()
     checkpoint.export_hf(model, fam.transformers_class(fam.model_class), model.config, processor, run_dir / "hf")

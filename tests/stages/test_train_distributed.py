@@ -81,6 +81,17 @@ def test_sp_with_data_parallelism_equals_plain_data_parallelism(packed_project, 
     assert [h["label_tokens"] for h in combined] == [h["label_tokens"] for h in reference]
 
 
+def test_rerun_of_a_complete_run_resumes_at_its_end_and_rewrites_the_metrics(packed_project, reference):
+    """DVC deletes metrics/train.json before it reruns the stage; a run resumed at its last step still writes it."""
+    root, family_name, model_dir = packed_project
+    (root / "metrics/train.json").unlink()
+    proc = launch(root, "ws2", model_dir, family_name, max_steps=4, nproc_per_node=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and history(root, "ws2") == reference
+    metrics = json.loads((root / "metrics/train.json").read_text())
+    assert metrics["steps"] == 4 and metrics["final_loss"] == reference[-1]["loss"]
+
+
 def test_every_pack_once_per_epoch(packed_project, reference):
     root = packed_project[0]
     import pyarrow.parquet as pq
