@@ -101,7 +101,7 @@ def train(params_path: str) -> None:
     state, history, step = LoaderState(), [], 0
     fingerprint = checkpoint.run_fingerprint(params, root)
     if checkpoint.discard_stale(run_dir, fingerprint):
-        log(f"starting fresh: the config, model or packs changed since the checkpoints in {run_dir}")
+        log(f"starting fresh: the config, model, training code or data changed since the checkpoints in {run_dir}")
     if existing := checkpoint.complete_checkpoints(run_dir):
         saved = checkpoint.load(existing[-1], model, optimizer, scheduler)
         state, history, step = LoaderState(**saved["loader"]), saved["history"], saved["step"]
