@@ -99,7 +99,9 @@ def train(params_path: str) -> None:
     # Resume from the newest complete checkpoint, if any
     run_dir = root / args.output_dir / args.run_name
     state, history, step = LoaderState(), [], 0
-    fingerprint = checkpoint.run_fingerprint(params, root)
+    shared = [checkpoint.run_fingerprint(params, root) if rank == 0 else None]  # hashes the inputs once, not per rank
+    dist.broadcast_object_list(shared, src=0)
+    fingerprint = shared[0]
     if checkpoint.discard_stale(run_dir, fingerprint):
         log(f"starting fresh: the config, model, training code or data changed since the checkpoints in {run_dir}")
     if existing := checkpoint.complete_checkpoints(run_dir):
