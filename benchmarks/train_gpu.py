@@ -18,6 +18,7 @@ tower), peak memory, and the longest packed row that trains on the card with and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import random
@@ -99,8 +100,8 @@ def prepare(root: Path, processor_dir: Path, processor_type: str, packing_length
 class Bench:
     """One model configuration on one rank: build, wrap, step, measure."""
 
-    def __init__(self, args, params, fam, config, device, packed: bool, liger: bool):
-        self.device, self.packed, self.fam, self.args = device, packed, fam, args
+    def __init__(self, params, fam, config, device, packed: bool, liger: bool):
+        self.device, self.packed = device, packed
         cls = fam.transformers_class(fam.model_class)
         attention = {"text_config": ATTENTION_NAME, "vision_config": "sdpa"} if packed else "sdpa"
         torch.manual_seed(0)
@@ -206,25 +207,20 @@ def longest_row(bench: Bench, builder: RowBuilder, pack_ids: list[int], max_pack
     return best
 
 
-def strip_dummies(builder: RowBuilder, pack: list[int]) -> list:
+def one_sample_rows(builder: RowBuilder, pack: int) -> list:
     """The pack's samples as one-sample rows (the baseline's batch), without the FSDP dummy segments."""
     rows = []
     for sample_id in builder.packs[pack]:
-        builder.packs[-1] = [sample_id]
-        row = builder.build([-1])
+        row = builder.build_samples([sample_id], [pack])
         real = row.seq_lengths()[0]
+        images = bool(builder.samples[sample_id]["image_paths"])
         rows.append(
-            type(row)(
-                row.input_ids[:, :real],
-                row.targets[:, :real],
-                row.position_ids[:, :, :real],
-                row.label_tokens,
-                [pack],
-                {
-                    k: row.vision[k]
-                    for k in ("pixel_values", "image_grid_thw")
-                    if builder.samples[sample_id]["image_paths"]
-                },
+            dataclasses.replace(
+                row,
+                input_ids=row.input_ids[:, :real],
+                targets=row.targets[:, :real],
+                position_ids=row.position_ids[:, :, :real],
+                vision={k: row.vision[k] for k in ("pixel_values", "image_grid_thw")} if images else {},
             )
         )
     return rows
@@ -269,7 +265,7 @@ def main() -> None:
         if len(pack_ids) < need:
             raise SystemExit(f"only {len(pack_ids)} packs for {need} steps: raise the sample count")
         packed_steps = [builder.build([p]) for p in pack_ids[:need]]
-        padded_steps = [strip_dummies(builder, p) for p in pack_ids[:need]]
+        padded_steps = [one_sample_rows(builder, p) for p in pack_ids[:need]]
         peak = peak_flops(device)
         result = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -283,12 +279,12 @@ def main() -> None:
             ("full_path", True, True, packed_steps),
             ("baseline", False, False, padded_steps),
         ):
-            bench = Bench(args, params, fam, config, device, packed, liger)
+            bench = Bench(params, fam, config, device, packed, liger)
             result[name] = {**measure(bench, steps, config, peak, args.warmup), "liger": bench.liger}
             if packed:
                 result["longest_row_with_liger"] = longest_row(bench, builder, pack_ids, args.max_row_packs)
             bench.close()
-        bench = Bench(args, params, fam, config, device, packed=True, liger=False)
+        bench = Bench(params, fam, config, device, packed=True, liger=False)
         result["longest_row_without_liger"] = longest_row(bench, builder, pack_ids, args.max_row_packs)
         bench.close()
         full, base = result["full_path"], result["baseline"]

@@ -115,21 +115,25 @@ class RowBuilder:
 
     def build(self, pack_ids: list[int], dummy: bool = False) -> Row:
         """Concatenate the packs' samples into one row; ``dummy`` rows carry no labels (idle ranks)."""
+        return self.build_samples([s for p in pack_ids for s in self.packs[p]], list(pack_ids), dummy)
+
+    def build_samples(self, sample_ids: list[str], pack_ids: list[int] | None = None, dummy: bool = False) -> Row:
+        """One row of the given samples, in order (``build`` for whole packs; tests and benchmarks for others)."""
+        pack_ids = pack_ids or []
         ids_parts, target_parts, pos_parts, images, videos = [], [], [], [], []
         image_grids, video_grids = [], []
-        for pack_id in pack_ids:
-            for sample_id in self.packs[pack_id]:
-                s = self.samples[sample_id]
-                ids = torch.tensor([s["input_ids"]], dtype=torch.long)
-                labels = s["labels"][1:] + [IGNORE]
-                target_parts.append(torch.tensor([labels], dtype=torch.long))
-                ids_parts.append(ids)
-                text_pos = torch.arange(ids.shape[1]).view(1, 1, -1)
-                pos_parts.append(torch.cat([text_pos, self._rope(s, ids)], dim=0))
-                images += [Image.open(self.root / p).convert("RGB") for p in s["image_paths"]]
-                videos += [self.frames.get(k) for k in s["video_keys"]]
-                image_grids += s["image_grid_thw"]
-                video_grids += s["video_grid_thw"]
+        for sample_id in sample_ids:
+            s = self.samples[sample_id]
+            ids = torch.tensor([s["input_ids"]], dtype=torch.long)
+            labels = s["labels"][1:] + [IGNORE]
+            target_parts.append(torch.tensor([labels], dtype=torch.long))
+            ids_parts.append(ids)
+            text_pos = torch.arange(ids.shape[1]).view(1, 1, -1)
+            pos_parts.append(torch.cat([text_pos, self._rope(s, ids)], dim=0))
+            images += [Image.open(self.root / p).convert("RGB") for p in s["image_paths"]]
+            videos += [self.frames.get(k) for k in s["video_keys"]]
+            image_grids += s["image_grid_thw"]
+            video_grids += s["video_grid_thw"]
         for kind, present in (("image", images), ("video", videos)):
             if not present:
                 segment = self.dummies[kind]
@@ -144,13 +148,13 @@ class RowBuilder:
             out = self.processor.image_processor(images=images, return_tensors="pt", **self.vision.images_kwargs())
             vision["pixel_values"], vision["image_grid_thw"] = out["pixel_values"], out["image_grid_thw"]
             if out["image_grid_thw"].tolist() != image_grids:
-                raise ValueError(f"packs {pack_ids}: image grids differ from the tokenized data; re-run tokenize")
+                raise ValueError(f"samples {sample_ids}: image grids differ from the tokenized data; re-run tokenize")
         if videos:
             kwargs = self.vision.videos_kwargs(videos)
             out = self.processor.video_processor(videos=[v.frames for v in videos], return_tensors="pt", **kwargs)
             vision["pixel_values_videos"], vision["video_grid_thw"] = out["pixel_values_videos"], out["video_grid_thw"]
             if out["video_grid_thw"].tolist() != video_grids:
-                raise ValueError(f"packs {pack_ids}: video grids differ from the tokenized data; re-run tokenize")
+                raise ValueError(f"samples {sample_ids}: video grids differ from the tokenized data; re-run tokenize")
         for kind, present in (("image", images), ("video", videos)):
             if not present:
                 vision.update(self.dummies[kind]["vision"])

@@ -85,6 +85,7 @@ def train(params_path: str) -> None:
         root, processor, VisionArgs.for_processor(processor, cfg), fam.transformers_class(fam.model_class), model.config
     )
     pack_ids = sorted(builder.packs)
+    pad_id = processor.tokenizer.pad_token_id or 0  # SP padding: a label-free segment of its own, any id works
     global_batch = layout.dp_size * args.per_device_train_batch_size * args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(pack_ids) / global_batch)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
@@ -149,7 +150,7 @@ def train(params_path: str) -> None:
             label_tokens, tokens, lm_flops, vis_flops = int(counts[0]), int(counts[1]), *counts[2:].tolist()
             loss_sum = torch.zeros((), dtype=torch.float64)
             for row in micro:
-                row_loss = row_loss_sum(model, row, device, sp, liger, processor.tokenizer.pad_token_id or 0)
+                row_loss = row_loss_sum(model, row, device, sp, liger, pad_id)
                 # FSDP averages gradients over ranks: scale by world so the result is sum / global label tokens.
                 (row_loss * world / max(label_tokens, 1)).backward()
                 loss_sum += row_loss.detach().double().cpu()
