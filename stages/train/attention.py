@@ -42,6 +42,14 @@ class PackedSegments:
         return cls(cu.to(device=device, dtype=torch.int32), int((cu[1:] - cu[:-1]).max()), sp)
 
 
+def implementation_map(text_attention: str) -> str | dict[str, str]:
+    """The ``attn_implementation`` to load the model with: ``qvl_packed`` for the text tower goes with the vision
+    tower's attention (sdpa today); any other name applies to both towers."""
+    if text_attention != ATTENTION_NAME:
+        return text_attention
+    return {"text_config": text_attention, "vision_config": "sdpa"}
+
+
 def kernel_name(device: torch.device) -> str:
     """The kernel ``qvl_packed`` uses on ``device`` (for the start-up log line)."""
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:

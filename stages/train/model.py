@@ -8,7 +8,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from schemas.errors import ConfigError
 from schemas.params import Params
 from stages.families import ModelFamily
-from stages.train.attention import ATTENTION_NAME, kernel_name
+from stages.train.attention import ATTENTION_NAME, implementation_map, kernel_name
 
 
 def choose_attention(requested: str, device: torch.device, sp_degree: int) -> tuple[str, str]:
@@ -26,9 +26,9 @@ def choose_attention(requested: str, device: torch.device, sp_degree: int) -> tu
 def load_model(params: Params, fam: ModelFamily, device: torch.device, attention: str):
     """The model in fp32 (FSDP2 casts for bf16); the vision tower keeps sdpa under ``qvl_packed``."""
     cls = fam.transformers_class(fam.model_class)
-    implementation = {"text_config": attention, "vision_config": "sdpa"} if attention == ATTENTION_NAME else attention
     model = cls.from_pretrained(
-        params.model_config_.load_from_pretrained_path, attn_implementation=implementation, dtype=torch.float32
+        params.model_config_.load_from_pretrained_path, attn_implementation=implementation_map(attention),
+        dtype=torch.float32,
     )
     model.config.use_cache = False  # a cache skips the packed mask silently (DESIGN.md)
     if params.trainer_args.gradient_checkpointing:
