@@ -26,7 +26,7 @@ class ModelFamily:
     spatial_merge_size: int
     temporal_patch_size: int
     vision_tower_prefix: str  # parameter-name prefix of the vision tower
-    merger_prefix: str  # parameter-name prefix of the vision-to-text projector
+    projector_prefixes: tuple[str, ...]  # parameter-name prefixes of the vision-to-text projectors (mm_projector_lr)
     text_model_prefix: str  # module path of the text decoder stack (sequence parallelism shards its inputs)
     liger_patch: str  # liger_kernel.transformers function that patches this family (RMSNorm, RoPE, SwiGLU, FLCE)
     has_deepstack: bool
@@ -39,6 +39,10 @@ class ModelFamily:
     # Config values for a tiny, randomly initialised model with the real architecture (tests and the demo).
     tiny_text_config: dict[str, Any] = field(default_factory=dict)
     tiny_vision_config: dict[str, Any] = field(default_factory=dict)
+
+    def is_projector(self, name: str) -> bool:
+        """Whether parameter ``name`` belongs to a vision-to-text projector."""
+        return any(name == p or name.startswith(p + ".") for p in self.projector_prefixes)
 
     @property
     def image_factor(self) -> int:
@@ -65,7 +69,7 @@ _FAMILIES = {
             spatial_merge_size=2,
             temporal_patch_size=2,
             vision_tower_prefix="model.visual",
-            merger_prefix="model.visual.merger",
+            projector_prefixes=("model.visual.merger",),
             text_model_prefix="model.language_model",
             liger_patch="apply_liger_kernel_to_qwen2_vl",
             has_deepstack=False,
@@ -91,7 +95,7 @@ _FAMILIES = {
             spatial_merge_size=2,
             temporal_patch_size=2,
             vision_tower_prefix="model.visual",
-            merger_prefix="model.visual.merger",
+            projector_prefixes=("model.visual.merger",),
             text_model_prefix="model.language_model",
             liger_patch="apply_liger_kernel_to_qwen2_5_vl",
             has_deepstack=False,
@@ -123,7 +127,9 @@ _FAMILIES = {
             spatial_merge_size=2,
             temporal_patch_size=2,
             vision_tower_prefix="model.visual",
-            merger_prefix="model.visual.merger",
+            # the deepstack mergers project vision features into the text too: Qwen's own create_optimizer puts
+            # them with the projector ("merger" in the name)
+            projector_prefixes=("model.visual.merger", "model.visual.deepstack_merger_list"),
             text_model_prefix="model.language_model",
             liger_patch="apply_liger_kernel_to_qwen3_vl",
             has_deepstack=True,

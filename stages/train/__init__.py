@@ -59,7 +59,8 @@ def preflight(params: Params, root: Path, world: int) -> None:
     wrap_classes(architecture, params, fam)
     sp_degree = params.trainer_args.sp_ulysses_degree
     check_degree(sp_degree, world, model_config.text_config)
-    choose_attention(params.model_config_.attn_implementation, torch.device("cpu"), sp_degree)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # what the ranks will train on
+    choose_attention(params.model_config_.attn_implementation, device, sp_degree, params.trainer_args.bf16)
     for path in (PACKS, TOKENIZED):
         if not (root / path).is_file():
             raise StageInputError(f"{root / path} not found: run `qvl tokenize` and `qvl pack` first")

@@ -25,6 +25,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from stages.train.distributed import Distributed
+from stages.train.loading import checkpoint_dtype
+
 STATE_FILE = "trainer_state.json"
 NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -140,16 +143,23 @@ def load(path: Path, model, optimizer, scheduler) -> dict:
     return trainer_state
 
 
-def export_hf(model, model_class: type, config, processor, out_dir: Path) -> None:
-    """Consolidate the sharded weights on rank 0 and write a from_pretrained-loadable directory atomically."""
+def export_hf(model, model_class: type, base_path: str | Path, processor, out_dir: Path, env: Distributed) -> None:
+    """Consolidate the sharded weights on rank 0 (one tensor at a time, offloaded to host memory) and write a
+    from_pretrained-loadable directory atomically, in the base checkpoint's dtype (bf16 for the released Qwen
+    models). The other ranks wait on a gloo barrier whose timeout outlasts a long write."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() == 0:
+    if env.rank == 0:
+        dtype = checkpoint_dtype(base_path)
         tmp = out_dir.parent / f".{out_dir.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        fresh = model_class._from_config(config, dtype=torch.float32)
-        fresh.load_state_dict(full)
+        with torch.device("meta"):
+            fresh = model_class._from_config(model.config, dtype=dtype)
+        fresh.load_state_dict({k: v.to(dtype) for k, v in full.items()}, assign=True)
+        if model.config.get_text_config().tie_word_embeddings:
+            fresh.tie_weights()
         fresh.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         shutil.rmtree(out_dir, ignore_errors=True)
         os.rename(tmp, out_dir)
-    dist.barrier()
+    del full
+    env.wait_for_rank0()

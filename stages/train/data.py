@@ -8,7 +8,7 @@ each sample alone; pixels from the processor's image and video processors (video
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,16 @@ class Row:
     @property
     def tokens(self) -> int:
         return self.input_ids.shape[1]
+
+    def pin_memory(self) -> Row:
+        """Page-locked copies, so the copies to the GPU run asynchronously (DataLoader calls this with pin)."""
+        return replace(
+            self,
+            input_ids=self.input_ids.pin_memory(),
+            targets=self.targets.pin_memory(),
+            position_ids=self.position_ids.pin_memory(),
+            vision={k: v.pin_memory() for k, v in self.vision.items()},
+        )
 
     def seq_lengths(self) -> list[int]:
         starts = (self.position_ids[0, 0] == 0).nonzero().flatten().tolist() + [self.tokens]
@@ -203,9 +213,10 @@ def rank_micro_batches(
 
 
 class PrefetchLoader:
-    """Builds this rank's rows in background worker processes (DataLoader), in order, from a LoaderState."""
+    """Builds this rank's rows in background worker processes (DataLoader), in order, from a LoaderState;
+    ``pin`` (CUDA) hands them over in page-locked memory."""
 
-    def __init__(self, builder: RowBuilder, plan: list[tuple[list[int], bool]], workers: int):
+    def __init__(self, builder: RowBuilder, plan: list[tuple[list[int], bool]], workers: int, pin: bool = False):
         self.dataset = _PlanDataset(builder, plan)
         self.loader = torch.utils.data.DataLoader(
             self.dataset,
@@ -214,6 +225,7 @@ class PrefetchLoader:
             num_workers=workers,
             multiprocessing_context="forkserver" if workers else None,
             persistent_workers=False,
+            pin_memory=pin,
         )
 
     def __iter__(self):

@@ -1,4 +1,4 @@
-"""Load the model, choose the padding-free attention path, freeze modules, wrap with FSDP2."""
+"""Build the model (on the meta device), choose the padding-free attention path, freeze modules, wrap with FSDP2."""
 
 from __future__ import annotations
 
@@ -9,31 +9,39 @@ from schemas.errors import ConfigError
 from schemas.params import Params
 from stages.families import ModelFamily
 from stages.train.attention import ATTENTION_NAME, implementation_map, kernel_name
+from stages.train.loading import build_on_meta
 
 
-def choose_attention(requested: str, device: torch.device, sp_degree: int) -> tuple[str, str]:
-    """(attn_implementation of the text tower, the reason, for the log line)."""
-    if requested == "auto":
-        return ATTENTION_NAME, f"padding-free packed attention: {kernel_name(device)}"
-    if sp_degree > 1 and requested != ATTENTION_NAME:
+def choose_attention(requested: str, device: torch.device, sp_degree: int, bf16: bool) -> tuple[str, str]:
+    """(attn_implementation of the text tower, the reason, for the log line). Refuses, before any work, what
+    cannot run: the CUDA varlen kernels take bf16/fp16 only, and Ulysses needs the packed attention."""
+    attention = ATTENTION_NAME if requested == "auto" else requested
+    if sp_degree > 1 and attention != ATTENTION_NAME:
         raise ConfigError(
             f"model_config.attn_implementation {requested!r} cannot run Ulysses sequence parallelism "
             f"(sp_ulysses_degree {sp_degree}); use 'auto' or {ATTENTION_NAME!r}"
         )
-    return requested, "as configured"
+    if attention == ATTENTION_NAME and device.type == "cuda" and not bf16:
+        raise ConfigError(
+            f"trainer_args.bf16 is false, but the packed attention's CUDA kernel ({kernel_name(device)}) takes "
+            "bf16/fp16 only: set bf16: true, or model_config.attn_implementation: sdpa (padded, slower)"
+        )
+    if requested == "auto":
+        return attention, f"padding-free packed attention: {kernel_name(device)}"
+    return attention, "as configured"
 
 
-def load_model(params: Params, fam: ModelFamily, device: torch.device, attention: str):
-    """The model in fp32 (FSDP2 casts for bf16); the vision tower keeps sdpa under ``qvl_packed``."""
-    cls = fam.transformers_class(fam.model_class)
-    model = cls.from_pretrained(
-        params.model_config_.load_from_pretrained_path, attn_implementation=implementation_map(attention),
-        dtype=torch.float32,
+def build_model(params: Params, fam: ModelFamily, attention: str):
+    """The architecture on the meta device (no weights yet: stages/train/loading.py fills them after sharding)."""
+    model = build_on_meta(
+        fam.transformers_class(fam.model_class),
+        params.model_config_.load_from_pretrained_path,
+        implementation_map(attention),
     )
     model.config.use_cache = False  # a cache skips the packed mask silently (DESIGN.md)
     if params.trainer_args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.to(device)
+    return model
 
 
 def matches(name: str, prefix: str) -> bool:
@@ -59,7 +67,7 @@ def trainable_summary(model, fam: ModelFamily) -> list[str]:
     groups: dict[str, list[bool]] = {}
     for name, p in model.named_parameters():
         parts = name.split(".")
-        if name.startswith(fam.merger_prefix):
+        if fam.is_projector(name):
             key = "vision merger"
         elif name.startswith(fam.vision_tower_prefix + ".blocks."):
             key = f"vision block {parts[3]}"

@@ -20,13 +20,7 @@ def param_groups(model, args: TrainerArgs, fam: ModelFamily) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue  # frozen: no gradient, no optimizer state
-        part = (
-            "merger"
-            if name.startswith(fam.merger_prefix)
-            else "vision"
-            if name.startswith(fam.vision_tower_prefix)
-            else "llm"
-        )
+        part = "merger" if fam.is_projector(name) else "vision" if name.startswith(fam.vision_tower_prefix) else "llm"
         decay = p.ndim >= 2 and "norm" not in name
         groups.setdefault((part, decay), []).append(p)
     return [
@@ -40,16 +34,24 @@ def param_groups(model, args: TrainerArgs, fam: ModelFamily) -> list[dict]:
     ]
 
 
-def build_optimizer(model, args: TrainerArgs, fam: ModelFamily) -> torch.optim.AdamW:
+def build_optimizer(model, args: TrainerArgs, fam: ModelFamily, device: torch.device) -> torch.optim.AdamW:
+    """AdamW as one multi-tensor kernel per group: fused on CUDA, foreach elsewhere (both take FSDP2's DTensors);
+    the per-parameter Python loop (foreach=False) costs 0.3-1 s of host time per step at 3B-7B."""
+    fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(
-        param_groups(model, args, fam), betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, foreach=False
+        param_groups(model, args, fam),
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        fused=fused or None,
+        foreach=None if fused else True,
     )
     # State for every trainable parameter up front: numerically the same as AdamW's lazy init (step 0, zero
-    # moments), and a checkpoint then always holds every key, even for parameters that never got a gradient.
+    # moments, the step counter where AdamW itself puts it), and a checkpoint then always holds every key, even
+    # for parameters that never got a gradient.
     for group in optimizer.param_groups:
         for p in group["params"]:
             optimizer.state[p] = {
-                "step": torch.tensor(0.0, dtype=torch.float32),
+                "step": torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu"),
                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
             }

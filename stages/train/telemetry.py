@@ -1,10 +1,12 @@
 """Throughput and MFU, with the FLOP formula written down, and the metrics / loss-curve files.
 
-FLOPs of one training step (forward + backward = 3 x forward):
-  language model: 6 x N_lm x tokens + 12 x n_layers x n_heads x head_dim x sum(len_i^2)  (verl's count;
-                  N_lm = non-embedding language-model parameters, len_i = each packed sample's length)
-  vision tower:   6 x N_vision x vision_patches  (counted separately; attention inside the tower left out)
-MFU = FLOPs / (seconds x peak); peak bf16 dense is 989 TFLOP/s on H100 SXM and H200, unknown on CPU (None).
+FLOPs of one training step (forward + backward = 3 x forward), the convention behind every MFU figure here:
+  language model: 6 x N_lm x tokens                       (N_lm = non-embedding language-model parameters)
+                + 6 x N_head x label positions            (lm_head: only label positions reach it here)
+                + 12 x n_layers x n_heads x head_dim x sum(len_i^2)   (attention per packed sample, as verl counts)
+  vision tower:   6 x N_vision x vision patches           (separately; attention inside the tower left out)
+MFU = FLOPs / (seconds x world x peak), peak = the GPU's dense bf16 TFLOP/s recognised from its name (None
+where unknown, and on CPU). Throughput and MFU leave out each process's first (warm-up) step when it ran more.
 """
 
 from __future__ import annotations
@@ -16,25 +18,43 @@ from pathlib import Path
 
 import torch
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A800": 312e12}
+MFU_CONVENTION = (
+    "6*N_lm*tokens + 6*N_lm_head*label_positions + 12*layers*heads*head_dim*sum(len^2); vision 6*N_vision*patches; "
+    "dense bf16 peak; warm-up step excluded"
+)
+# Dense bf16 TFLOP/s by device-name fragment, most specific first (torch.cuda.get_device_name, e.g.
+# "NVIDIA H100 80GB HBM3" is the SXM part).
+PEAK_BF16 = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("H800", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+)
 
 
-def parameter_counts(model, vision_prefix: str) -> tuple[int, int]:
-    """(non-embedding language-model parameters, vision-tower parameters)."""
-    lm = vision = 0
+def parameter_counts(model, vision_prefix: str) -> dict[str, int]:
+    """Parameters by role: ``lm`` (non-embedding language model), ``head`` (lm_head), ``vision`` (tower)."""
+    counts = {"lm": 0, "head": 0, "vision": 0}
+    head = model.get_output_embeddings()
+    counts["head"] = head.weight.numel()
     for name, p in model.named_parameters():
-        n = p.numel()
         if name.startswith(vision_prefix):
-            vision += n
+            counts["vision"] += p.numel()
         elif "embed_tokens" not in name and not name.startswith("lm_head"):
-            lm += n
-    return lm, vision
+            counts["lm"] += p.numel()
+    return counts
 
 
 def step_flops(
-    lm_params: int, vision_params: int, text_config, seq_lengths: list[int], vision_patches: int
+    counts: dict[str, int], text_config, seq_lengths: list[int], label_positions: int, vision_patches: int
 ) -> tuple[float, float]:
-    """(language-model FLOPs, vision FLOPs) for the given packed sample lengths."""
+    """(language-model FLOPs, vision FLOPs) for the given packed sample lengths (see the module docstring)."""
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     attention = (
         12
@@ -43,14 +63,40 @@ def step_flops(
         * head_dim
         * sum(n * n for n in seq_lengths)
     )
-    return 6 * lm_params * sum(seq_lengths) + attention, 6 * vision_params * vision_patches
+    lm = 6 * counts["lm"] * sum(seq_lengths) + 6 * counts["head"] * label_positions + attention
+    return lm, 6 * counts["vision"] * vision_patches
 
 
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return peak_for_name(torch.cuda.get_device_name(device))
+
+
+def peak_for_name(name: str) -> float | None:
+    """Dense bf16 FLOP/s of the GPU called ``name``; None for one not in the table."""
+    return next((v for k, v in PEAK_BF16 if k in name), None)
+
+
+def summarize(history: list[dict], peak: float | None, world: int, peak_mem_gb: float | None) -> dict:
+    """metrics/train.json: the last loss, and throughput / MFU over the steady-state steps."""
+    steady = [h for h in history if not h.get("warmup")] or history
+    seconds = sum(h["seconds"] for h in steady) or 1e-9
+    lm = sum(h["lm_flops"] for h in steady)
+    vis = sum(h["vision_flops"] for h in steady)
+    warmup = [h["seconds"] for h in history if h.get("warmup")]
+    return {
+        "final_loss": history[-1]["loss"],
+        "steps": history[-1]["step"],
+        "tokens_per_s": sum(h["tokens"] for h in steady) / seconds,
+        "label_tokens_per_s": sum(h["label_tokens"] for h in steady) / seconds,
+        "first_step_s": warmup[-1] if warmup else None,
+        "mfu": lm / (seconds * peak * world) if peak else None,
+        "mfu_with_vision": (lm + vis) / (seconds * peak * world) if peak else None,
+        "mfu_convention": MFU_CONVENTION,
+        "peak_tflops": peak / 1e12 if peak else None,
+        "peak_mem_gb": peak_mem_gb,
+    }
 
 
 def write_outputs(root: Path, history: list[dict], summary: dict) -> None:

@@ -1,7 +1,8 @@
 """The training loop, one process per rank (started by torchrun; see stages/train/__init__.py).
 
-Read top to bottom: set up -> model -> optimizer -> data -> resume -> for each step: micro-batches, loss over
-the global batch's label tokens, backward, clip, step -> checkpoints -> Hugging Face export.
+Read top to bottom: set up -> model (built on the meta device, sharded, then loaded) -> optimizer -> data ->
+resume -> for each step: micro-batches, loss over the global batch's label tokens, backward (gradients reduced
+once, after the last micro-batch), clip, step, one host read -> checkpoints -> Hugging Face export.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ from schemas.params import load_params
 from stages.families import family
 from stages.train import checkpoint
 from stages.train.data import LoaderState, PrefetchLoader, RowBuilder, epoch_order, rank_micro_batches
+from stages.train.distributed import init_distributed
 from stages.train.forward import row_loss_sum
 from stages.train.liger import apply_liger
-from stages.train.model import choose_attention, freeze, load_model, trainable_summary, wrap_fsdp2
+from stages.train.loading import materialize
+from stages.train.model import build_model, choose_attention, freeze, trainable_summary, wrap_fsdp2
 from stages.train.optim import build_optimizer, build_scheduler
 from stages.train.reporters import Reporters
 from stages.train.sequence_parallel import build_layout, check_degree, shard_text_model_inputs
-from stages.train.telemetry import parameter_counts, peak_flops, step_flops, write_outputs
+from stages.train.telemetry import parameter_counts, peak_flops, step_flops, summarize, write_outputs
 
 
 def log(message: str) -> None:
@@ -41,20 +44,14 @@ def train(params_path: str) -> None:
     args, cfg = params.trainer_args, params.dataset_config
     root = Path.cwd()
     fam = family(cfg.processor_config.processor_type)
-    device = (
-        torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}") if torch.cuda.is_available() else torch.device("cpu")
-    )
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    env = init_distributed()
+    device, rank, world = env.device, env.rank, env.world
     torch.manual_seed(args.seed + rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
 
-    # Model, sequence-parallel layout, kernels
-    attention, why = choose_attention(params.model_config_.attn_implementation, device, args.sp_ulysses_degree)
-    model = load_model(params, fam, device, attention)
+    # Model on the meta device, sequence-parallel layout, kernels, freezing, sharding; then the weights
+    requested = params.model_config_.attn_implementation
+    attention, why = choose_attention(requested, device, args.sp_ulysses_degree, args.bf16)
+    model = build_model(params, fam, attention)
     check_degree(args.sp_ulysses_degree, world, model.config.text_config)
     layout = build_layout(args.sp_ulysses_degree)
     sp = layout.sp
@@ -72,8 +69,11 @@ def train(params_path: str) -> None:
     freeze(model, args.freeze_modules)
     for line in trainable_summary(model, fam):
         log(f"  {line}")
-    lm_params, vision_params = parameter_counts(model, fam.vision_tower_prefix)
+    counts = parameter_counts(model, fam.vision_tower_prefix)
     wrap_fsdp2(model, params, fam, mixed_precision=args.bf16 and device.type == "cuda")
+    started = time.perf_counter()
+    materialize(model, fam.transformers_class(fam.model_class), params.model_config_.load_from_pretrained_path, device)
+    log(f"loaded {params.model_config_.load_from_pretrained_path} in {time.perf_counter() - started:.1f} s")
 
     # Data and schedule
     from transformers import AutoProcessor
@@ -89,7 +89,7 @@ def train(params_path: str) -> None:
     global_batch = layout.dp_size * args.per_device_train_batch_size * args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(pack_ids) / global_batch)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
-    optimizer = build_optimizer(model, args, fam)
+    optimizer = build_optimizer(model, args, fam, device)
     scheduler = build_scheduler(optimizer, args, total_steps)
     for group in optimizer.param_groups:
         log(
@@ -114,6 +114,9 @@ def train(params_path: str) -> None:
         [t for t in args.report_to if t != "none"] if rank == 0 else [], run_dir, args.run_name, params.to_yaml_dict()
     )
     peak = peak_flops(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # peak_mem_gb is training's, not loading's
+    warmup = True  # this process's first step (allocator, kernels, compilation) is reported apart
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0 or None)
     while step < total_steps:
         remaining = epoch_order(pack_ids, state.epoch, cfg.seed)[state.packs_done :]
@@ -130,69 +133,63 @@ def train(params_path: str) -> None:
                 args.gradient_accumulation_steps,
             )
         ]
-        rows = iter(PrefetchLoader(builder, plan, args.dataloader_num_workers))
+        rows = iter(PrefetchLoader(builder, plan, args.dataloader_num_workers, pin=device.type == "cuda"))
         for s in range(steps_left):
             if step >= total_steps:
                 break
             started = time.perf_counter()
             micro = [next(rows) for _ in range(args.gradient_accumulation_steps)]
-            seqs = [n for r in micro for n in r.seq_lengths()]
-            patches = sum(int(g.prod(-1).sum()) for r in micro for k, g in r.vision.items() if k.endswith("grid_thw"))
-            counts = torch.tensor(
-                [
-                    sum(r.label_tokens for r in micro),
-                    sum(r.tokens for r in micro),
-                    *step_flops(lm_params, vision_params, model.config.text_config, seqs, patches),
-                ],
-                dtype=torch.float64,
-            ) * float(leads_sp_group)
-            dist.all_reduce(counts)
-            label_tokens, tokens, lm_flops, vis_flops = int(counts[0]), int(counts[1]), *counts[2:].tolist()
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            for row in micro:
+            # Counters live on the training device (NCCL takes no CPU tensor); the host reads them once per step.
+            totals = step_counters(micro, counts, model.config.text_config, device) * float(leads_sp_group)
+            dist.all_reduce(totals)
+            label_tokens = totals[0].clamp(min=1)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for i, row in enumerate(micro):
+                model.set_requires_gradient_sync(i == len(micro) - 1)  # reduce-scatter once, after the last
                 row_loss = row_loss_sum(model, row, device, sp, liger, pad_id)
                 # FSDP averages gradients over ranks: scale by world so the result is sum / global label tokens.
-                (row_loss * world / max(label_tokens, 1)).backward()
-                loss_sum += row_loss.detach().double().cpu()
+                (row_loss * (world / label_tokens)).backward()
+                loss_sum += row_loss.detach().double()
             dist.all_reduce(loss_sum)
-            trained_packs: list[list[int]] = [[] for _ in range(world)]
-            mine = [p for r in micro if not r.is_dummy for p in r.pack_ids] if leads_sp_group else []
-            dist.all_gather_object(trained_packs, mine)
-            loss = float(loss_sum) / max(label_tokens, 1)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_total, label_count, tokens, lm_flops, vis_flops = torch.cat([loss_sum.view(1), totals]).tolist()
+            loss = loss_total / max(label_count, 1)
             if not math.isfinite(loss):
                 packs = [r.pack_ids for r in micro]
                 raise PipelineError(
                     f"non-finite loss {loss} at step {step + 1} (rank {rank} packs {packs}); "
                     "stopping, the last good checkpoint is kept"
                 )
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
-            state.packs_done += min(global_batch, len(remaining) - s * global_batch)
+            batch = remaining[s * global_batch : (s + 1) * global_batch]  # every rank's packs of this step
+            state.packs_done += len(batch)
             seconds = time.perf_counter() - started
             history.append(
                 {
                     "step": step,
                     "loss": loss,
                     "lr": lr,
-                    "tokens": tokens,
-                    "label_tokens": label_tokens,
+                    "tokens": int(tokens),
+                    "label_tokens": int(label_count),
                     "epoch": state.epoch,
-                    "packs": sorted(p for ps in trained_packs for p in ps),
+                    "packs": sorted(batch),
                     "seconds": seconds,
+                    "warmup": warmup,
                     "lm_flops": lm_flops,
                     "vision_flops": vis_flops,
                 }
             )
+            warmup = False
             reporters.log(
                 {
                     "train/loss": loss,
                     "train/lr": lr,
                     "train/tokens_per_s": tokens / seconds,
-                    "train/label_tokens": label_tokens,
+                    "train/label_tokens": label_count,
                 },
                 step,
             )
@@ -203,32 +200,31 @@ def train(params_path: str) -> None:
                 trainer_state = {"loader": vars(state), "history": history, "fingerprint": fingerprint}
                 checkpoint.save(run_dir, step, model, optimizer, scheduler, trainer_state, args.save_total_limit)
                 if rank == 0:
-                    write_outputs(root, history, summarize(history, peak, device))
+                    write_outputs(root, history, summarize(history, peak, world, peak_memory_gb(device)))
         if state.packs_done >= len(pack_ids):
             state = LoaderState(state.epoch + 1, 0)
     if rank == 0 and history:  # also when a resumed run was already complete: DVC removed the old metrics
-        write_outputs(root, history, summarize(history, peak, device))
+        write_outputs(root, history, summarize(history, peak, world, peak_memory_gb(device)))
     progress.close()
     reporters.close()
-    checkpoint.export_hf(model, fam.transformers_class(fam.model_class), model.config, processor, run_dir / "hf")
+    base = params.model_config_.load_from_pretrained_path
+    checkpoint.export_hf(model, fam.transformers_class(fam.model_class), base, processor, run_dir / "hf", env)
     log(f"exported {run_dir / 'hf'}")
     dist.destroy_process_group()
 
 
-def summarize(history: list[dict], peak: float | None, device: torch.device) -> dict:
-    seconds = sum(h["seconds"] for h in history) or 1e-9
-    lm = sum(h["lm_flops"] for h in history)
-    vis = sum(h["vision_flops"] for h in history)
-    world = dist.get_world_size()
-    return {
-        "final_loss": history[-1]["loss"],
-        "steps": history[-1]["step"],
-        "tokens_per_s": sum(h["tokens"] for h in history) / seconds,
-        "label_tokens_per_s": sum(h["label_tokens"] for h in history) / seconds,
-        "mfu": lm / (seconds * peak * world) if peak else None,
-        "mfu_with_vision": (lm + vis) / (seconds * peak * world) if peak else None,
-        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-    }
+def step_counters(micro: list, counts: dict[str, int], text_config, device: torch.device) -> torch.Tensor:
+    """(label tokens, tokens, LM FLOPs, vision FLOPs) of this rank's micro-batches, from host-side row metadata."""
+    seqs = [n for r in micro for n in r.seq_lengths()]
+    patches = sum(int(g.prod(-1).sum()) for r in micro for k, g in r.vision.items() if k.endswith("grid_thw"))
+    label_tokens = sum(r.label_tokens for r in micro)
+    flops = step_flops(counts, text_config, seqs, label_tokens, patches)
+    values = [label_tokens, sum(r.tokens for r in micro), *flops]
+    return torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True)
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 def main() -> int:

@@ -115,7 +115,7 @@ def test_optimizer_groups_and_rates(packed_project):
             name = names[id(p)]
             expected_lr = (
                 3e-4
-                if name.startswith(fam.merger_prefix)
+                if fam.is_projector(name)
                 else 1e-5
                 if name.startswith(fam.vision_tower_prefix)
                 else args.learning_rate
