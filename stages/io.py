@@ -16,7 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import duckdb
+
 from schemas.errors import PipelineError
+
+NO_SPACE = "No space left on device"  # how DuckDB's IOException says ENOSPC (it is not an OSError)
 
 
 def _clean_leftovers(target: Path) -> None:
@@ -24,13 +28,30 @@ def _clean_leftovers(target: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC, as an OSError or as DuckDB's IOException."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC or NO_SPACE in str(exc)
+    return isinstance(exc, duckdb.IOException) and NO_SPACE in str(exc)
+
+
+@contextlib.contextmanager
+def disk_full_is_clear(target: Path) -> Iterator[None]:
+    """A full disk anywhere in the block becomes one clear PipelineError naming ``target``."""
+    try:
+        yield
+    except (OSError, duckdb.IOException) as exc:
+        if is_disk_full(exc):
+            raise PipelineError(f"disk full while writing {target}; nothing was replaced") from exc
+        raise
+
+
 @contextlib.contextmanager
 def _explain_os_errors(target: Path) -> Iterator[None]:
     try:
-        yield
+        with disk_full_is_clear(target):
+            yield
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise PipelineError(f"disk full while writing {target}; nothing was replaced") from None
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise PipelineError(f"no permission to write {target} ({exc.strerror}); nothing was replaced") from None
         raise

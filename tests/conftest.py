@@ -1,4 +1,11 @@
-"""Shared fixtures: the tiny models and the demo dataset are built once per test session (offline)."""
+"""Shared fixtures (the tiny models and the demo dataset are built once per test session, offline) and the test tiers.
+
+Tiers (pytest markers, registered in pyproject.toml): ``unit`` (no model, seconds), ``model`` (loads or trains the
+tiny models in-process), ``slow`` (starts real process trees: torchrun, DVC, Prefect, kill tests) and ``gpu``
+(needs CUDA). A test without an explicit tier gets one here from the fixtures it uses; the fast tier is
+``-m "unit or model"`` (``bash scripts/test.sh --fast``). Under pytest-xdist (``--dist loadgroup``) the tests that
+share an expensive session or module fixture get one ``xdist_group``, so that fixture is built by one worker only.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,46 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 REPO = Path(__file__).resolve().parent.parent
+TIERS = ("unit", "model", "slow", "gpu")
+MODEL_FIXTURES = {"tiny_models", "packed_project"}  # a test that uses one of these loads a model
+# Files owned elsewhere that cannot carry a module mark: their tier by path.
+SLOW_FILES = {"tests/test_benchmarks.py"}
+GPU_FILES = {"tests/stages/test_train_gpu.py"}
+
+
+def tier_of(item: pytest.Item) -> str:
+    """The item's tier: an explicit mark, else its file's, else ``model`` if it uses a model fixture, else ``unit``."""
+    marked = [t for t in TIERS if item.get_closest_marker(t)]
+    if marked:
+        return marked[-1]  # the heaviest: gpu > slow > model > unit
+    path = item.path.relative_to(REPO).as_posix()
+    if path in GPU_FILES:
+        return "gpu"
+    if path in SLOW_FILES:
+        return "slow"
+    return "model" if MODEL_FIXTURES & set(item.fixturenames) else "unit"
+
+
+def xdist_group(item: pytest.Item) -> str | None:
+    """Tests on one family's packed project run on one worker (the fixture is built once there); so do the tests
+    of a module with a module-scoped fixture."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "packed_project" in item.fixturenames:
+        return f"packed-{params.get('packed_project')}"
+    for name in item.fixturenames:
+        defs = item._fixtureinfo.name2fixturedefs.get(name) or ()
+        if any(d.scope == "module" for d in defs):
+            return item.path.relative_to(REPO).as_posix()
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = tier_of(item)
+        if not item.get_closest_marker(tier):
+            item.add_marker(tier)
+        if group := xdist_group(item):
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
@@ -105,3 +152,34 @@ def packed_project(request, tiny_models, demo_dir, tmp_path_factory):
     for stage in (validate, decode, tokenize, pack):
         stage(params, root)
     return root, request.param, tiny_models[request.param]
+
+
+@pytest.fixture
+def small_fs(tmp_path) -> Path:
+    """A real 8 MiB tmpfs mounted at ``tmp_path/fs`` (needs root); skipped, with the reason, where mounting fails."""
+    import subprocess
+
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    mount_cmd = ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)]
+    proc = subprocess.run(mount_cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs for a disk-full test: {proc.stderr.strip() or proc.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_disk(folder: Path) -> Path:
+    """Write ``folder/filler`` until the filesystem is full; return it."""
+    import errno
+
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while f.write(b"\0" * 4096):
+                pass
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    return filler

@@ -20,7 +20,7 @@ import pyarrow as pa
 from schemas.params import Params
 from schemas.reasons import REASON_CODES
 from stages.families import family
-from stages.io import atomic_dir, write_json
+from stages.io import atomic_dir, disk_full_is_clear, write_json
 from stages.tokenizer_build import SPECIAL_TOKENS
 from stages.validate.load import data_folder, load_all
 from stages.validate.media import MediaChecker, MediaRules, ProbeCache
@@ -107,7 +107,8 @@ def run(params: Params, root: Path = Path(".")) -> ValidateResult:
     """Run the stage and write its outputs under ``root``."""
     start = time.perf_counter()
     con = duckdb.connect()
-    validate_into(con, params, root)
+    with disk_full_is_clear(root / OUT_DIR):  # the media store and the probe cache (DuckDB) are written here too
+        validate_into(con, params, root)
     n_input = con.execute("SELECT count(*) FROM raw").fetchone()[0]
     with atomic_dir(root / OUT_DIR) as tmp:
         for table in ("accepted", "rejects"):

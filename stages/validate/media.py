@@ -146,12 +146,17 @@ class ProbeCache:
             [{"path": p, "size": s, "mtime_ns": m, "sha256": h} for (p, s, m), h in self.hashes.items()]
         )
         probes = pa.Table.from_pylist([{"kind": k, "sha256": h, **vars(p)} for (k, h), p in self.probes.items()])
-        with duckdb.connect(tmp) as con:
-            con.register("hashes", hashes)
-            con.register("probes", probes)
-            con.execute("CREATE TABLE file_hash AS SELECT * FROM hashes")
-            con.execute("CREATE TABLE probe AS SELECT * FROM probes")
-        os.replace(tmp, self.path)
+        try:
+            with duckdb.connect(tmp) as con:
+                con.register("hashes", hashes)
+                con.register("probes", probes)
+                con.execute("CREATE TABLE file_hash AS SELECT * FROM hashes")
+                con.execute("CREATE TABLE probe AS SELECT * FROM probes")
+            os.replace(tmp, self.path)
+        finally:
+            for leftover in (tmp, tmp + ".wal"):  # a failed write (a full disk) leaves no temp database behind
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
 
 
 class MediaChecker:
@@ -195,9 +200,13 @@ class MediaChecker:
         if not target.exists():
             self.rules.store_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.rules.store_dir, prefix=".part.")
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-            os.replace(tmp, target)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(payload)
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):  # a failed write (a full disk) leaves no part file behind
+                    os.unlink(tmp)
         return os.path.realpath(target), None, None
 
     def _fetch_remote(self, ref: str) -> tuple[str | None, str | None, str | None]:

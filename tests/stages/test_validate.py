@@ -8,11 +8,11 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from schemas.errors import StageInputError
+from schemas.errors import PipelineError, StageInputError
 from schemas.reasons import REASON_CODES
 from stages.demo import BAD_OFFICIAL_ROWS, BAD_ROWS, INVALID_UTF8_ROW
 from stages.validate import run
-from tests.conftest import demo_params
+from tests.conftest import REPO, demo_params, fill_disk
 
 
 def read(project: Path, name: str) -> list[dict]:
@@ -244,3 +244,42 @@ def test_previous_output_survives_a_failed_run(project):
     with pytest.raises(StageInputError):
         run(demo_params(), project)
     assert (project / "data/validated/samples.parquet").read_bytes() == before
+
+
+def test_full_disk_is_one_clear_error_and_the_previous_output_survives(small_fs, demo_dir):
+    """A real full filesystem: DuckDB's COPY raises duckdb.IOException (not an OSError) and must still read as
+    "disk full"; the previous output stays, no temp directory is left."""
+    root = small_fs / "project"
+    shutil.copytree(demo_dir, root / "data/demo")
+    run(demo_params(), root)
+    before = {p.name: p.read_bytes() for p in (root / "data/validated").iterdir()}
+    fill_disk(small_fs)
+    with pytest.raises(PipelineError, match=r"disk full while writing .*data/validated; nothing was replaced") as err:
+        run(demo_params(), root)
+    assert isinstance(err.value.__cause__, duckdb.IOException)  # the write that failed was DuckDB's
+    assert {p.name: p.read_bytes() for p in (root / "data/validated").iterdir()} == before
+    assert not [p for p in (root / "data").iterdir() if p.name.startswith(".validated.tmp")]
+
+
+def test_full_disk_on_a_first_run_is_one_clear_line(small_fs, demo_dir):
+    """Whichever write meets the full disk first (media store, probe cache, output), `qvl validate` prints one
+    error line, no traceback, and leaves no partial file."""
+    import subprocess
+    import sys
+
+    root = small_fs / "project"
+    shutil.copytree(demo_dir, root / "data/demo")
+    (root / "params.yaml").write_text(json.dumps(demo_params().model_dump(by_alias=True, mode="json")))
+    fill_disk(small_fs)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.cli", "validate", "--params", "params.yaml"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode != 0
+    assert "disk full while writing" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (root / "data/validated").exists()
+    leftovers = [p for p in root.rglob("*") if p.name.startswith((".part.", ".media.", ".validated.tmp"))]
+    assert not leftovers
