@@ -102,27 +102,66 @@ def test_every_pack_once_per_epoch_whatever_the_split():
         assert sorted(seen) == order
 
 
-def test_optimizer_groups_and_rates(packed_project):
-    _, fam, params, model, _ = load(packed_project)
-    args = params.trainer_args.model_copy(
-        update={"vision_tower_lr": 1e-5, "mm_projector_lr": 3e-4, "weight_decay": 0.1}
+# Spot checks written out by hand: (parameter name, expected part, decays) per family.
+OPTIMIZER_SPOT_CHECKS = {
+    "qwen2_5_vl": [
+        ("model.visual.patch_embed.proj.weight", "vision", True),
+        ("model.visual.blocks.0.attn.qkv.bias", "vision", False),
+        ("model.visual.blocks.1.norm1.weight", "vision", False),
+        ("model.visual.merger.ln_q.weight", "projector", False),
+        ("model.visual.merger.mlp.0.weight", "projector", True),
+        ("model.visual.merger.mlp.2.bias", "projector", False),
+        ("model.language_model.layers.1.self_attn.q_proj.weight", "llm", True),
+        ("model.language_model.layers.1.self_attn.q_proj.bias", "llm", False),
+        ("model.language_model.norm.weight", "llm", False),
+        ("model.language_model.embed_tokens.weight", "llm", True),
+    ],
+    "qwen3_vl": [
+        ("model.visual.patch_embed.proj.weight", "vision", True),
+        ("model.visual.pos_embed.weight", "vision", True),
+        ("model.visual.blocks.0.attn.qkv.bias", "vision", False),
+        ("model.visual.merger.linear_fc1.weight", "projector", True),
+        ("model.visual.merger.norm.weight", "projector", False),
+        ("model.visual.deepstack_merger_list.0.linear_fc1.weight", "projector", True),
+        ("model.visual.deepstack_merger_list.0.linear_fc2.bias", "projector", False),
+        ("model.visual.deepstack_merger_list.0.norm.weight", "projector", False),
+        ("model.language_model.layers.1.mlp.up_proj.weight", "llm", True),
+        ("model.language_model.layers.1.self_attn.q_norm.weight", "llm", False),
+        ("model.language_model.embed_tokens.weight", "llm", True),
+    ],
+}
+
+
+@pytest.mark.parametrize("family_name", ["qwen2_5_vl", "qwen3_vl"])
+def test_optimizer_groups_and_rates(tiny_models, family_name):
+    """Expected groups from the rules, not from the implementation's prefixes: a name with "visual" and "merger"
+    is the projector (mm_projector_lr; Qwen3-VL's deepstack mergers too, as in Qwen's own create_optimizer),
+    other "visual" names the vision tower (vision_tower_lr), the rest the language model (learning_rate);
+    1-D parameters (biases, norm weights) get no weight decay. Frozen parameters get no optimizer state."""
+    fam = family(family_name)
+    model = fam.transformers_class(fam.model_class).from_pretrained(tiny_models[family_name], dtype=torch.float32)
+    rates = {"projector": 3e-4, "vision": 1e-5, "llm": 2e-3}
+    args = pipeline_params(tiny_models[family_name], family_name).trainer_args.model_copy(
+        update={"learning_rate": 2e-3, "vision_tower_lr": 1e-5, "mm_projector_lr": 3e-4, "weight_decay": 0.1}
     )
     freeze(model, ["model.language_model.layers.0"])
-    optimizer = build_optimizer(model, args, fam)
     names = {id(p): n for n, p in model.named_parameters()}
-    for group in optimizer.param_groups:
+    got = {}
+    for group in build_optimizer(model, args, fam, torch.device("cpu")).param_groups:
         for p in group["params"]:
-            name = names[id(p)]
-            expected_lr = (
-                3e-4
-                if fam.is_projector(name)
-                else 1e-5
-                if name.startswith(fam.vision_tower_prefix)
-                else args.learning_rate
-            )
-            assert group["lr"] == expected_lr, name
-            assert group["weight_decay"] == (0.1 if p.ndim >= 2 and "norm" not in name else 0.0), name
-            assert "language_model.layers.0." not in name  # frozen: no optimizer state
+            assert names[id(p)] not in got, f"{names[id(p)]} is in two groups"
+            got[names[id(p)]] = (group["lr"], group["weight_decay"])
+
+    def part(name: str) -> str:
+        return "projector" if "visual" in name and "merger" in name else "vision" if "visual" in name else "llm"
+
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(got) == set(trainable)
+    assert not any(n.startswith("model.language_model.layers.0.") for n in got)
+    for name, p in trainable.items():
+        assert got[name] == (rates[part(name)], 0.1 if p.ndim >= 2 else 0.0), name
+    for name, expected_part, decays in OPTIMIZER_SPOT_CHECKS[family_name]:
+        assert got[name] == (rates[expected_part], 0.1 if decays else 0.0), name
     summary = trainable_summary(model, fam)
     assert "decoder layer 0: frozen" in summary and "decoder layer 1: trains" in summary
 
