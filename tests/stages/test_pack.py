@@ -138,3 +138,20 @@ def test_stage_counts_overlong_samples_as_dropped(tmp_path):
     write_tokenized(tmp_path, [100, 2000, 300])
     result = pack(parse_params({"dataset_config": {"packing_length": 1024}}), tmp_path)
     assert result.dropped_overlong == 1 and result.samples == 2
+
+
+def test_stage_on_empty_input_writes_no_packs(tmp_path):
+    write_tokenized(tmp_path, [])
+    result = pack(parse_params({"dataset_config": {"packing_length": 1024}}), tmp_path)
+    assert result.samples == 0 and result.packs == 0
+    assert pq.read_table(tmp_path / "data/packed/packs.parquet").num_rows == 0
+    metrics = json.loads((tmp_path / "metrics/pack.json").read_text())
+    assert metrics["packs"] == 0 and metrics["efficiency"] == 0.0
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_stage_with_only_an_overlong_sample_drops_it(tmp_path, packing):
+    write_tokenized(tmp_path, [1025])
+    result = pack(parse_params({"dataset_config": {"packing": packing, "packing_length": 1024}}), tmp_path)
+    assert result.dropped_overlong == 1 and result.samples == 0 and result.packs == 0
+    assert pq.read_table(tmp_path / "data/packed/packs.parquet").num_rows == 0
