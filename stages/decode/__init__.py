@@ -22,7 +22,7 @@ from tqdm import tqdm
 from schemas.errors import StageInputError
 from schemas.params import Params
 from schemas.tables import DECODE_REJECTS_SCHEMA, FRAME_INDEX_SCHEMA
-from stages.decode.ffmpeg_frames import DecodeError, decode_planned
+from stages.decode.ffmpeg_frames import DecodeError, decode_planned, displayed_size
 from stages.decode.sampling import SamplingOptions, plan_frames, video_key
 from stages.decode.shards import INDEX_FILE, ShardWriter
 from stages.executor import map_chunks
@@ -83,10 +83,10 @@ def decode_job(job: VideoJob, options: SamplingOptions, patch_size: int, root: s
     try:
         if job.frame_paths:
             return _decode_frame_list(job, options, patch_size, root)
-        plan = plan_frames(
-            job.src_frames, job.src_fps, job.src_height, job.src_width, options, job.video_start, job.video_end
-        )
-        frames = decode_planned(os.path.join(root, job.path), plan, job.src_height, job.src_width, threads)
+        path = os.path.join(root, job.path)
+        height, width = displayed_size(path, job.src_height, job.src_width)
+        plan = plan_frames(job.src_frames, job.src_fps, height, width, options, job.video_start, job.video_end)
+        frames = decode_planned(path, plan, height, width, threads)
         return frames, {
             "frames_indices": plan.indices,
             "timestamps": plan.timestamps,

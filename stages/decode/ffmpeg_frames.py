@@ -33,6 +33,17 @@ class DecodeError(Exception):
         self.detail = detail
 
 
+def displayed_size(path: str, height: int, width: int) -> tuple[int, int]:
+    """(height, width) as the video is shown: a display rotation of 90 or 270 degrees swaps the coded size.
+    ffmpeg applies the rotation when it decodes, as qwen-vl-utils' reader does."""
+    import av
+
+    with av.open(path) as container:
+        frame = next(container.decode(video=0), None)
+    rotation = getattr(frame, "rotation", 0) or 0
+    return (width, height) if rotation % 180 == 90 else (height, width)
+
+
 def decode_rgb(path: str, indices: list[int], src_height: int, src_width: int, threads: int = 1) -> np.ndarray:
     """Frames ``indices`` (presentation order, from 0) of ``path`` at source size: uint8 (T, H, W, 3)."""
     wanted = sorted(set(indices))

@@ -307,3 +307,72 @@ def test_killed_run_leaves_old_output_or_nothing_and_rerun_completes(video_proje
     subprocess.run(stage("decode"), cwd=video_project, env=env, check=True, capture_output=True)
     assert frames() == reference
     assert not temps()
+
+
+def ffmpeg_cli(*args: str) -> None:
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def edge_clips(tmp_path_factory) -> Path:
+    """A clip with a 90-degree display rotation, a variable-frame-rate clip (30 fps, then 7.5, then 30 again)
+    and a one-frame clip, made with the ffmpeg command line."""
+    folder = tmp_path_factory.mktemp("edge-clips")
+    src = ["-f", "lavfi", "-i"]
+    x264 = ["-c:v", "libx264", "-pix_fmt", "yuv420p"]
+    ffmpeg_cli(*src, "testsrc2=duration=2:size=160x96:rate=10", *x264, str(folder / "plain.mp4"))
+    ffmpeg_cli("-display_rotation", "90", "-i", str(folder / "plain.mp4"), "-c", "copy", str(folder / "rotated.mp4"))
+    vfr = "setpts='if(lt(N,30),N/30,if(lt(N,45),1+(N-30)/7.5,3+(N-45)/30))/TB'"
+    ffmpeg_cli(
+        *src, "testsrc2=duration=3:size=160x96:rate=30", "-vf", vfr, "-fps_mode", "vfr", *x264, str(folder / "vfr.mp4")
+    )
+    ffmpeg_cli(*src, "testsrc2=duration=0.1:size=160x96:rate=10", *x264, str(folder / "one_frame.mp4"))
+    return folder
+
+
+EDGE_CLIPS = [
+    ("vfr.mp4", None, None),
+    ("vfr.mp4", 0.5, 2.5),
+    ("one_frame.mp4", None, None),
+    ("rotated.mp4", None, None),
+]
+PAST_THE_END = ("walk.mp4", 0.5, 99.0)  # video_end past the end of the clip: validate rejects it (no clamping)
+
+
+@pytest.mark.parametrize("options", [{"fps": 2.0}, {"video_sampling_strategy": "frame_num", "frame_num": 6}])
+def test_edge_clips_follow_fetch_video(project, edge_clips, options):
+    """Where qwen-vl-utils' fetch_video decodes a clip, the stored frames equal its frames (every frame within 1);
+    where it refuses one, the stage rejects that video with a reason instead of failing."""
+    from qwen_vl_utils import vision_process as qvu
+
+    for name in ("rotated.mp4", "vfr.mp4", "one_frame.mp4"):
+        shutil.copy(edge_clips / name, project / "data/demo/videos" / name)
+    (project / "data/demo/videos.jsonl").write_text(video_rows([*EDGE_CLIPS, PAST_THE_END]))
+    params = video_params("qwen2_5_vl", video_min_pixels=12544, video_max_pixels=50176, **options)
+    validate(params, project)
+    decode(params, project)
+    store = FrameStore(project / "data/frames")
+    by_clip = {(Path(r["path"]).name, r["video_start"], r["video_end"]): key for key, r in store.index.items()}
+    rejected = {Path(r["path"]).name: r for r in pq.read_table(project / "data/frames/rejects.parquet").to_pylist()}
+    validate_rejects = pq.read_table(project / "data/validated/rejects.parquet").to_pylist()
+    assert [(r["reason"], r["detail"]) for r in validate_rejects] == [
+        ("bad_clip_range", "clip 0.5-99.0 s of a 3.0 s video")
+    ]
+    opts = SamplingOptions.from_config(params.dataset_config, family("qwen2_5_vl"))
+    for name, start, end in EDGE_CLIPS:
+        ele = {"video": str(project / "data/demo/videos" / name), **opts.element(start, end)}
+        try:
+            ref, meta = qvu.fetch_video(ele, image_patch_size=14, return_video_metadata=True)
+        except Exception as exc:  # noqa: BLE001 (any refusal of the reference must be a reject here)
+            assert name in rejected and (name, start, end) not in by_clip, f"{name}: fetch_video refused ({exc})"
+            assert rejected[name]["reason"] and rejected[name]["detail"]
+            continue
+        assert (name, start, end) in by_clip, (
+            f"{name} {start}-{end}: rejected, fetch_video decodes it: {rejected.get(name)}"
+        )
+        mine = store.get(by_clip[(name, start, end)])
+        ref = np.rint(ref.permute(0, 2, 3, 1).numpy()).astype(np.int16)
+        assert mine.frames.shape == ref.shape, name
+        assert mine.info["frames_indices"] == list(meta["frames_indices"]), name
+        worst = np.abs(mine.frames.astype(np.int16) - ref).max(axis=(1, 2, 3))
+        assert worst.max() <= 1, f"{name} {start}-{end}: frames {np.flatnonzero(worst > 1).tolist()} differ"
