@@ -1,0 +1,44 @@
+"""How the flow runs one stage (flows/stage_runner.py): `dvc repro --single-item` in a real git + DVC repository;
+a failing stage becomes StageFailed carrying the stage's own error line, and its lines reach the flow's log."""
+
+import sys
+
+import pytest
+import yaml
+
+from flows.stage_runner import StageFailed, run_stage
+from tests.conftest import REPO
+from tests.flows.helpers import sh
+
+
+@pytest.fixture
+def repo(tmp_path):
+    sh("git", "init", "-q", cwd=tmp_path)
+    sh(sys.executable, "-m", "dvc", "init", "-q", cwd=tmp_path)
+    stage = {"cmd": f"{sys.executable} -m stages.validate --params params.yaml", "outs": ["data/validated"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"validate": stage}}))
+    return tmp_path
+
+
+def test_a_failing_stage_fails_with_its_own_error_line(repo, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    (repo / "params.yaml").write_text("dataset_config:\n  datasets: [{path: data/nope.jsonl}]\n")
+    logged = []
+    with pytest.raises(StageFailed) as err:
+        run_stage("validate", repo, logged.append)
+    assert str(err.value).startswith("stage validate failed (exit ")
+    assert "qvl validate: error: dataset file not found:" in str(err.value) and "nope.jsonl" in str(err.value)
+    assert any("dataset file not found" in line for line in logged)  # the stage's lines reached the log
+
+
+def test_a_stage_that_succeeds_streams_its_lines(repo, monkeypatch, demo_dir):
+    import shutil
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    shutil.copytree(demo_dir, repo / "data/demo")
+    params = {"dataset_config": {"datasets": [{"path": "data/demo/chat.jsonl", "data_folder": "data/demo"}]}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    logged, seen = [], []
+    run_stage("validate", repo, logged.append, seen.append)
+    assert logged == seen and any("Running stage 'validate'" in line for line in logged)
+    assert (repo / "data/validated/samples.parquet").is_file()
