@@ -1,5 +1,7 @@
 """Train-stage pieces in one process: packed rows are exact, optimizer groups, freezing, preflight errors."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -210,3 +212,31 @@ def test_liger_is_ignored_on_cpu_with_a_reason(packed_project):
     forward = model.forward
     assert apply_liger(model, fam, torch.device("cpu")) == (False, "ignored on CPU (Liger kernels need a GPU)")
     assert model.forward == forward
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+def test_each_scheduler_warms_up_then_follows_its_schedule(kind):
+    """The learning rate of each step, written out from the schedules' definitions: a linear warm-up from 0
+    over warmup_steps (or warmup_ratio of the steps), then constant, linear decay to 0, or a half cosine."""
+    import math
+
+    from stages.train.optim import build_scheduler
+
+    base, total = 1e-3, 10
+    for warmup_args, warmup in (({"warmup_steps": 3}, 3), ({"warmup_ratio": 0.2}, 2)):
+        args = pipeline_params(Path("m"), "qwen2_5_vl").trainer_args.model_copy(
+            update={"lr_scheduler_type": kind, "learning_rate": base, **warmup_args}
+        )
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+        scheduler = build_scheduler(optimizer, args, total)
+        got = []
+        for _ in range(total):
+            got.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        expected = []
+        for t in range(total):
+            progress = (t - warmup) / (total - warmup)
+            after = {"constant": 1.0, "linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}
+            expected.append(base * (t / warmup if t < warmup else after[kind]))
+        assert got == pytest.approx(expected, abs=1e-12), warmup_args
