@@ -55,6 +55,10 @@ def xdist_group(item: pytest.Item) -> str | None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
+        only = item.get_closest_marker("family_only")
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if only and params.get("packed_project", only.args[0]) != only.args[0]:
+            item.add_marker(pytest.mark.skip(reason=f"one family is enough: runs for {only.args[0]}"))
         tier = tier_of(item)
         if not item.get_closest_marker(tier):
             item.add_marker(tier)

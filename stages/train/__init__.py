@@ -6,12 +6,15 @@ interrupt or a failure stops every rank (Prefect cancellation included); exit st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -129,20 +132,70 @@ def torchrun_command(params: Params, params_path: str, nproc: int) -> list[str]:
     return cmd + ["-m", "stages.train.worker", "--params", params_path]
 
 
+def _die_with_parent() -> None:
+    """In the torchrun child (Linux): SIGTERM it when `qvl train` dies, even by SIGKILL, so no rank outlives it
+    (torchrun stops its workers on SIGTERM)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM the torchrun process group, SIGKILL it after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _ranks_stop_with_us(proc: subprocess.Popen, grace: float = 30) -> Iterator[list[int]]:
+    """While the block waits for torchrun: SIGTERM or SIGINT to `qvl train` is passed to torchrun's process group
+    (torchrun stops its ranks; SIGKILL follows after ``grace`` seconds) and recorded in the yielded list. The
+    handler does not wait itself: it interrupts the block's own `proc.wait()`, whose lock it cannot take. Any
+    other way out of the block (an exception) stops the ranks too."""
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame) -> None:
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        timer = threading.Timer(grace, _kill_group, (proc,))
+        timer.daemon = True
+        timer.start()
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only there can handlers be set
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if in_main_thread else {}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _stop_group(proc, grace)
+
+
 def run(params_path: str, root: Path = Path(".")) -> int:
+    """Preflight, then torchrun; the exit status is torchrun's, or 128 + N after signal N stopped the run."""
     params = load_params(params_path)
     nproc = nproc_per_node(params)
     preflight(params, root, nproc * params.trainer_args.nnodes)
     cmd = torchrun_command(params, params_path, nproc)
     print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True)
-    try:
-        return proc.wait()
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        raise
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    proc = subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True, preexec_fn=preexec)
+    with _ranks_stop_with_us(proc) as received:
+        code = proc.wait()
+    return 128 + received[0] if received else code

@@ -257,6 +257,7 @@ def kill_when(proc: subprocess.Popen, ready, seconds: float = 300) -> None:
     assert proc.wait() == -signal.SIGKILL, "the kill did not land: the stage had already finished"
 
 
+@pytest.mark.slow
 def test_killed_run_leaves_old_output_or_nothing_and_rerun_completes(video_project):
     """SIGKILL the stage while it is provably writing (its temp directory exists, then once it holds a shard):
     right after the kill the temp directory is there and the visible output is the previous one or absent;
