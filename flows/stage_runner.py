@@ -32,6 +32,44 @@ def heal_dvc_state(project_dir: Path) -> None:
     except ValueError:
         lock.unlink(missing_ok=True)
     heal_lockfile(project_dir / "dvc.lock")
+    remove_stale_temps(project_dir)
+
+
+def _live_dvc_writer(project_dir: Path) -> bool:
+    """Whether DVC's rwlock names a live process holding a write lock (then a stage may be writing now)."""
+    try:
+        holders = json.loads((project_dir / ".dvc" / "tmp" / "rwlock").read_text()).get("write", {}).values()
+    except (OSError, ValueError, AttributeError):
+        return False
+    for holder in holders:
+        try:
+            os.kill(int(holder["pid"]), 0)
+            return True
+        except (ProcessLookupError, KeyError, TypeError, ValueError):
+            continue
+        except PermissionError:
+            return True
+    return False
+
+
+def remove_stale_temps(project_dir: Path) -> None:
+    """A stage killed mid-write leaves its temp output (`.<out>.tmp-*`, see stages/io.py) beside each output.
+    The stage removes it when it runs again, but DVC may restore that output from its run cache instead of
+    running the stage: so the leftovers beside every output in dvc.yaml are removed here, unless a live dvc
+    process holds a write lock (a stage may be writing them now)."""
+    import yaml
+
+    from stages.io import clean_leftovers
+
+    try:
+        stages = (yaml.safe_load((project_dir / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        return
+    if _live_dvc_writer(project_dir):
+        return
+    for stage in stages.values():
+        for out in (stage or {}).get("outs") or []:
+            clean_leftovers(project_dir / (out if isinstance(out, str) else next(iter(out))))
 
 
 def heal_lockfile(path: Path) -> None:

@@ -23,7 +23,8 @@ from schemas.errors import PipelineError
 NO_SPACE = "No space left on device"  # how DuckDB's IOException says ENOSPC (it is not an OSError)
 
 
-def _clean_leftovers(target: Path) -> None:
+def clean_leftovers(target: Path) -> None:
+    """Remove the temp paths a killed writer of ``target`` left beside it."""
     for stale in target.parent.glob(f".{target.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
@@ -63,7 +64,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     with _explain_os_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        _clean_leftovers(target)
+        clean_leftovers(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         os.chmod(tmp, 0o755)
         try:
@@ -86,7 +87,7 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     with _explain_os_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        _clean_leftovers(target)
+        clean_leftovers(target)
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
         os.close(fd)
         tmp = Path(name)

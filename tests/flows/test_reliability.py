@@ -45,31 +45,50 @@ def project(tmp_path_factory):
     return root, lock_hashes(root)
 
 
+OUTPUT_OF = {"validate": "validated", "decode": "frames", "tokenize": "tokenized", "pack": "packed"}
+
+
+def kill_mid_write(proc: subprocess.Popen, data, stage: str) -> None:
+    """Wait until the stage before ``stage`` has published its output, then busy-wait until ``stage``'s temp
+    output directory exists (pack's exists for milliseconds) and SIGKILL the whole process group; fail if the
+    stage finished or published its output first. (dvc's own "Running stage" line comes too late to go by: it
+    is buffered.)"""
+    folder = OUTPUT_OF[stage]
+    before = DATA_STAGES.index(stage) - 1
+    while before >= 0 and not (data / OUTPUT_OF[DATA_STAGES[before]]).exists():
+        assert proc.poll() is None, f"dvc exited ({proc.returncode}) before {stage} started"
+        time.sleep(0.01)
+    while not any(name.startswith(f".{folder}.tmp-") for name in os.listdir(data)):
+        assert proc.poll() is None, f"dvc exited ({proc.returncode}) before {stage} wrote anything"
+        assert not (data / folder).exists(), f"data/{folder} was published before the kill"
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+
+
 @pytest.mark.parametrize("stage", DATA_STAGES)
 def test_sigkill_during_a_stage_then_rerun_gives_the_same_outputs(project, stage):
+    """Killed while the stage provably writes (its temp directory exists): nothing half-written is visible right
+    after the kill, and the rerun gives the uninterrupted run's hashes and leaves no temp directory."""
     root, reference = project
+    data = root / "data"
     for folder in ("validated", "media", "frames", "tokenized", "packed"):
-        shutil.rmtree(root / "data" / folder, ignore_errors=True)
+        shutil.rmtree(data / folder, ignore_errors=True)
     (root / "dvc.lock").unlink()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro", "pack"],
+        [sys.executable, "-m", "dvc", "repro", "--no-run-cache", "pack"],  # really run (not restore) each stage
         cwd=root,
         env=ENV,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    for line in proc.stdout:
-        if line.startswith(f"Running stage '{stage}'"):
-            break
-    time.sleep({"validate": 0.8, "decode": 2.5, "tokenize": 4.0, "pack": 1.5}[stage])  # inside the stage's work
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_mid_write(proc, data, stage)
+    assert not (data / OUTPUT_OF[stage]).exists(), "a half-written output is visible"
     visible_outputs_complete(root)
     sh(sys.executable, "-m", "stages.cli", "repro", "pack", cwd=root)  # heals what the killed dvc left behind
     visible_outputs_complete(root)
     assert lock_hashes(root) == reference
+    assert not [p for p in data.iterdir() if ".tmp-" in p.name], "a temp directory outlived the rerun"
 
 
 def test_truncated_dvc_rwlock_is_repaired(project):
