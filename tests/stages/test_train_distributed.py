@@ -262,7 +262,7 @@ def test_terminating_or_killing_qvl_train_leaves_no_rank(packed_project):
     SIGKILL to it alone (no handler runs) still leaves no rank behind."""
     root, family_name, model_dir = packed_project
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        path = write_params(root, f"cancel-{sig.name}", model_dir, family_name, max_steps=50, nproc_per_node=2)
+        path = write_params(root, f"cancel-{sig.name}", model_dir, family_name, max_steps=1000, nproc_per_node=2)
         stop_qvl_train_once_ranks_run(root, path, sig)
 
 
@@ -274,8 +274,8 @@ def stop_qvl_train_once_ranks_run(root, path, sig: signal.Signals) -> None:
     wait_until(lambda: len(processes_with(ranks)) >= 3 or proc.poll() is not None, 300, "torchrun and 2 ranks")
     assert proc.poll() is None, "qvl train ended before it could be stopped"
     proc.send_signal(sig)
-    assert proc.wait(timeout=60) == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
     wait_until(lambda: not processes_with(ranks), 60, f"every rank to stop after {sig.name}")
+    assert proc.wait(timeout=60) == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
 
 
 def expected_lr(kind: str, base: float, warmup: int, total: int, t: int) -> float:
