@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 TIERS = ("unit", "model", "slow", "gpu")
 MODEL_FIXTURES = {"tiny_models", "packed_project"}  # a test that uses one of these loads a model
 # Files owned elsewhere that cannot carry a module mark: their tier by path.
-SLOW_FILES = {"tests/test_benchmarks.py"}
+SLOW_FILES = {"tests/test_benchmarks.py", "tests/stages/test_liger_distributed.py"}  # they start torchrun/scripts
 GPU_FILES = {"tests/stages/test_train_gpu.py"}
 
 
