@@ -4,7 +4,7 @@ Tiers (pytest markers, registered in pyproject.toml): ``unit`` (no model, second
 tiny models in-process), ``slow`` (starts real process trees: torchrun, DVC, Prefect, kill tests) and ``gpu``
 (needs CUDA). A test without an explicit tier gets one here from the fixtures it uses; the fast tier is
 ``-m "unit or model"`` (``bash scripts/test.sh --fast``). Under pytest-xdist (``--dist loadgroup``) the tests that
-share an expensive session or module fixture get one ``xdist_group``, so that fixture is built by one worker only.
+share a module-scoped fixture get one ``xdist_group``, so that fixture is built by one worker only.
 """
 
 from __future__ import annotations
@@ -41,15 +41,14 @@ def tier_of(item: pytest.Item) -> str:
 
 
 def xdist_group(item: pytest.Item) -> str | None:
-    """Tests on one family's packed project run on one worker (the fixture is built once there); so do the tests
-    of a module with a module-scoped fixture."""
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    if "packed_project" in item.fixturenames:
-        return f"packed-{params.get('packed_project')}"
+    """Tests that share a module-scoped fixture (per model family where the packed project is a parameter) run
+    on one worker, which builds that fixture once; all other tests are spread freely (a session fixture such
+    as the packed project is then built at most once per worker and family)."""
     for name in item.fixturenames:
         defs = item._fixtureinfo.name2fixturedefs.get(name) or ()
         if any(d.scope == "module" for d in defs):
-            return item.path.relative_to(REPO).as_posix()
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            return f"{item.path.relative_to(REPO).as_posix()}::{params.get('packed_project', '')}"
     return None
 
 
