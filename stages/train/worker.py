@@ -220,7 +220,7 @@ def step_counters(micro: list, counts: dict[str, int], text_config, device: torc
     label_tokens = sum(r.label_tokens for r in micro)
     flops = step_flops(counts, text_config, seqs, label_tokens, patches)
     values = [label_tokens, sum(r.tokens for r in micro), *flops]
-    return torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True)
+    return torch.tensor(values, dtype=torch.float64, device=device)
 
 
 def peak_memory_gb(device: torch.device) -> float | None:
