@@ -149,7 +149,7 @@ def liger_kernels(device: torch.device) -> Kernels:
             "or set use_liger_kernel: false"
         ) from None
 
-    def liger_fused_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def liger_fused_linear_cross_entropy_sum(hidden, weight, targets):
         return liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="sum").float()
 
     kernels = Kernels("liger", LigerRMSNorm, LigerSwiGLUMLP, liger_fused_linear_cross_entropy_sum)
