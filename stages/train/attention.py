@@ -52,10 +52,11 @@ def implementation_map(text_attention: str) -> str | dict[str, str]:
 
 
 def kernel_name(device: torch.device) -> str:
-    """The kernel ``qvl_packed`` uses on ``device``, and the vision tower's with it (for the start-up log line)."""
+    """The kernel ``qvl_packed`` uses on ``device`` (for the start-up log line); on CUDA the padding-free vision
+    attention loaded with it uses the same one."""
     if device.type == "cuda":
-        return f"{cuda_varlen()[0]} (text and vision)"
-    return "causal SDPA per packed sample (text), SDPA per window or frame (vision)"
+        return cuda_varlen()[0]
+    return "causal SDPA per packed sample (vision: SDPA per window or frame)"
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: PackedSegments, scale: float) -> torch.Tensor:
