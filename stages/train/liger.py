@@ -71,7 +71,7 @@ def apply_liger(model: nn.Module, fam: ModelFamily, device: torch.device) -> tup
     kernels = liger_kernels(device) if device.type == "cuda" else torch_kernels()
     counts = replace_modules(model, fam, kernels)
     where = "Liger Triton kernels" if device.type == "cuda" else f"torch stand-ins on {device.type} (no Liger)"
-    swapped = ", ".join(f"{kind} x{n} ({getattr(kernels, attr).__name__})" for (kind, n), attr in
-                        zip(counts.items(), ("rms_norm", "swiglu_mlp"), strict=True))
-    loss = getattr(kernels.linear_cross_entropy, "__name__", "fused linear cross-entropy")
+    modules = {"RMSNorm": kernels.rms_norm, "SwiGLU MLP": kernels.swiglu_mlp}
+    swapped = ", ".join(f"{kind} x{counts[kind]} ({cls.__name__})" for kind, cls in modules.items())
+    loss = kernels.linear_cross_entropy.__name__
     return kernels, f"{where}: {swapped}, linear cross-entropy {loss}; RoPE not swapped (see docs/decisions.md)"

@@ -99,10 +99,10 @@ def test_liger_classes_swap_into_a_meta_device_model(tiny_models, family_name):
     config = AutoConfig.from_pretrained(tiny_models[family_name])
     with torch.device("meta"):
         model = fam.transformers_class(fam.model_class)._from_config(config)
-    keys = set(model.state_dict())
+    before = {n: id(p) for n, p in model.named_parameters()}
     liger = Kernels("liger", LigerRMSNorm, LigerSwiGLUMLP, chunked_linear_cross_entropy)
     counts = replace_modules(model, fam, liger)
-    assert set(model.state_dict()) == keys
+    assert {n: id(p) for n, p in model.named_parameters()} == before  # the same parameter objects, same names
     assert all(p.is_meta for p in model.parameters())
     expected = {"qwen2_5_vl": (10, 4), "qwen3_vl": (9, 2)}[family_name]  # Qwen3: 2 layers x (2 + q/k norms) + 1
     assert (counts["RMSNorm"], counts["SwiGLU MLP"]) == expected
