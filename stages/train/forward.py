@@ -84,10 +84,10 @@ def row_loss_sum(
         liger.linear_cross_entropy if liger else plain_linear_cross_entropy,
     )
     return model(
-        input_ids=row.input_ids.to(device),
-        position_ids=row.position_ids.to(device),
+        input_ids=row.input_ids.to(device, non_blocking=True),  # rows arrive pinned on CUDA (PrefetchLoader)
+        position_ids=row.position_ids.to(device, non_blocking=True),
         use_cache=False,
         packed_segments=PackedSegments.from_text_positions(row.position_ids[0, 0], device, sp),
         row_loss=loss,
-        **{k: v.to(device) for k, v in row.vision.items()},
+        **{k: v.to(device, non_blocking=True) for k, v in row.vision.items()},
     )
