@@ -113,8 +113,11 @@ def test_liger_classes_swap_into_a_meta_device_model(tiny_models, family_name):
 
 def test_liger_kernels_that_cannot_run_are_a_config_error_naming_the_versions():
     """On this machine Triton finds no GPU driver: the check at start says so, with the versions."""
-    with pytest.raises(ConfigError, match=r"use_liger_kernel: Liger's kernels fail on cpu .*liger-kernel 0\.8\.5.*"
-                       r"transformers 5\.23"):
+    with pytest.raises(
+        ConfigError,
+        match=r"use_liger_kernel: Liger's kernels fail on cpu .*liger-kernel 0\.8\.5.*"
+        r"transformers 5\.23",
+    ):
         liger_kernels(CPU)
 
 
