@@ -59,8 +59,16 @@ def junit_summary(path: Path) -> dict:
 
 def gpu_tests(out: Path, limit: float) -> dict:
     xml = out / "tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/stages/test_train_gpu.py",
-           f"--junitxml={xml}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "tests/stages/test_train_gpu.py",
+        f"--junitxml={xml}",
+    ]
     result = {**run_step(cmd, REPO, limit, out / "tests.log"), **junit_summary(xml)}
     result["passed_all"] = result["returncode"] == 0 and not result.get("failure") and not result.get("error")
     return result

@@ -232,8 +232,10 @@ class Trainer:
             if row.seq_lengths()[: len(lengths)] != lengths:
                 raise AssertionError("the packed row's segments are not the samples (token counting would be off)")
             return [row]
-        return [padded_batch(self.builder, ids, self.pad_id, self.takes_seconds) for ids in
-                micro_batches(self.builder, sample_ids, budget)]
+        return [
+            padded_batch(self.builder, ids, self.pad_id, self.takes_seconds)
+            for ids in micro_batches(self.builder, sample_ids, budget)
+        ]
 
     def step(self, batches: list) -> float:
         """One optimizer step; the mean loss over the step's label tokens."""
@@ -450,8 +452,13 @@ def run_configs(
         child = [str(script), "--config", name, "--workspace", str(workspace), "--out", str(path), *extra]
         launcher = [sys.executable]
         if setup.sp > 1:
-            launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={setup.sp}", "--master_addr=127.0.0.1",
-                         f"--master_port={free_port()}"]
+            launcher += [
+                "-m",
+                "torch.distributed.run",
+                f"--nproc_per_node={setup.sp}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={free_port()}",
+            ]
         print(f"== {name}: {setup.about}", file=sys.stderr, flush=True)
         try:
             proc = subprocess.run(launcher + child, stdout=sys.stderr, timeout=timeout_s, check=False)

@@ -55,7 +55,10 @@ def builder_throughput(root: Path) -> dict:
     from transformers import AutoConfig
 
     builder = RowBuilder(
-        root, processor, VisionArgs.for_processor(processor, params.dataset_config), cls,
+        root,
+        processor,
+        VisionArgs.for_processor(processor, params.dataset_config),
+        cls,
         AutoConfig.from_pretrained(model_dir),
     )
     started = time.perf_counter()

@@ -129,9 +129,7 @@ def compare(test: tuple[float, dict], ref: tuple[float, dict]) -> dict:
     (loss, grads), (ref_loss, ref_grads) = test, ref
     if set(grads) != set(ref_grads):
         raise AssertionError(f"different parameters have gradients: {sorted(set(grads) ^ set(ref_grads))[:5]}")
-    errors = {
-        n: float((grads[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in ref_grads.items() if g.norm() > 0
-    }
+    errors = {n: float((grads[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in ref_grads.items() if g.norm() > 0}
     worst = max(errors, key=errors.get)
     return {
         "loss": loss,

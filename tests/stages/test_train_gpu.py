@@ -85,8 +85,13 @@ def test_varlen_kernel_is_chosen_on_cuda():
 def test_trainer_bf16_path_matches_fp32_reference_on_cuda(tiny_models, family_name, tmp_path):
     out = tmp_path / "gpu-equivalence.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, str(REPO / "tests/stages/gpu_equivalence_worker.py"), str(tiny_models[family_name]),
-           family_name, str(out)]
+    cmd = [
+        sys.executable,
+        str(REPO / "tests/stages/gpu_equivalence_worker.py"),
+        str(tiny_models[family_name]),
+        family_name,
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
