@@ -37,6 +37,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,7 @@ CONVENTIONS = {
     "(stages/train/telemetry.py step_flops); N_lm = non-embedding language-model parameters + lm_head "
     "(vocab x hidden, counted although tied to the embeddings); the same FLOPs for every configuration",
     "flops_vision": "6 * N_vision * vision patches of the real samples (attention inside the tower not counted)",
-    "mfu": "flops_lm / (seconds * peak bf16 dense FLOP/s of the device); null where the peak is unknown (CPU)",
+    "mfu": "flops_lm / (seconds * peak bf16 dense FLOP/s of the device * ranks); null where the peak is unknown (CPU)",
     "mfu_with_vision": "(flops_lm + flops_vision) / (seconds * peak)",
     "peak_mem_gib": "CUDA: torch.cuda.max_memory_allocated, reset after the model, FSDP and optimizer are built "
     "(includes the optimizer state made at the first step); CPU: the process's peak resident set (VmHWM), "
@@ -312,6 +313,7 @@ def measure(tr: Trainer, steps: list[list[str]], warmup: int, budget: int, peak:
         losses.append(loss)
     sync(tr.device)
     seconds = time.perf_counter() - started
+    peak = peak * tr.world if peak else None  # the ranks of an SP group share one row
     text = tr.model.config.text_config
     tokens = lm = vis = 0
     for ids in steps[warmup:]:
@@ -437,9 +439,16 @@ def child_main(args: argparse.Namespace) -> None:
 
 
 def run_configs(
-    script: Path, workspace: Path, names: list[str], extra: list[str], out: Path, timeout_s: float
+    script: Path,
+    workspace: Path,
+    names: list[str],
+    extra: list[str],
+    out: Path,
+    timeout_s: float,
+    on_result: Callable[[dict[str, dict]], None] = lambda results: None,
 ) -> dict[str, dict]:
-    """Start ``script --config NAME`` per configuration (torchrun for SP) and collect what each wrote."""
+    """Start ``script --config NAME`` per configuration (torchrun for SP) and collect what each wrote;
+    ``on_result`` sees the results so far after each (the parent writes them, in case it is stopped)."""
     results: dict[str, dict] = {}
     gpus = torch.cuda.device_count()
     for name in names:
@@ -469,6 +478,7 @@ def run_configs(
             results[name] = json.loads(path.read_text())
         else:
             results[name] = {"error": f"the child process ended with {code} and wrote no result"}
+        on_result(results)
     return results
 
 

@@ -31,8 +31,8 @@ from benchmarks.train_workspace import bench_params, prepare, save_random_checkp
 from stages.families import family  # noqa: E402
 from stages.released_configs import RELEASED, released_config  # noqa: E402
 
-# The tiny model's 152k-token vocabulary makes ~4 s of CPU per 1k-token step: the smoke keeps to a few steps.
-SMOKE = {"packing_length": 1024, "steps": 1, "warmup": 1, "search_start": 1024, "search_limit": 2048, "bisections": 1}
+# The tiny model's 152k-token vocabulary makes ~1-4 s of CPU per 1k-token step: the smoke keeps to a few steps.
+SMOKE = {"packing_length": 1024, "steps": 1, "warmup": 1, "search_start": 1024, "search_limit": 1024, "bisections": 0}
 
 
 def build_workspace(root: Path, args: argparse.Namespace) -> None:
@@ -57,7 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(RELEASED), default="qwen2_5_vl_3b")
     ap.add_argument("--packing-length", type=int, default=16384)
-    ap.add_argument("--configs", default="full_path,full_path_no_liger,baseline,sp2")
+    ap.add_argument("--configs", default="full_path,baseline,full_path_no_liger,sp2")
     ap.add_argument("--smoke", action="store_true", help="tiny model and rows on any device (checks the script)")
     ap.add_argument("--out", default="benchmarks/train_gpu.json")
     ap.add_argument("--child-timeout-s", type=float, default=420)
@@ -75,14 +75,6 @@ def main() -> None:
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        build_workspace(root, args)
-        prepared = time.monotonic() - started
-        names = args.configs.split(",")
-        configs = train_core.run_configs(
-            Path(__file__).resolve(), root, names, train_core.forward_args(args), out, args.child_timeout_s
-        )
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     result = {
         **train_core.environment(device),
@@ -91,11 +83,21 @@ def main() -> None:
         "packing_length": args.packing_length,
         "smoke": args.smoke,
         "conventions": train_core.CONVENTIONS,
-        "configs": configs,
-        "comparison": train_core.compare(configs),
-        "seconds": {"prepare": prepared, "total": time.monotonic() - started},
     }
-    out.write_text(json.dumps(result, indent=2))
+
+    def write(configs: dict[str, dict]) -> None:
+        result.update(configs=configs, comparison=train_core.compare(configs))
+        result["seconds"] = {"prepare": prepared, "total": time.monotonic() - started}
+        out.write_text(json.dumps(result, indent=2))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        build_workspace(root, args)
+        prepared = time.monotonic() - started
+        script, extra = Path(__file__).resolve(), train_core.forward_args(args)
+        names = args.configs.split(",")
+        configs = train_core.run_configs(script, root, names, extra, out, args.child_timeout_s, write)
+    write(configs)
     print(json.dumps(result, indent=2))
     failed = [n for n, c in configs.items() if "error" in c]
     if failed:

@@ -24,14 +24,15 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @pytest.fixture(scope="module")
-def cpu_comparison(tiny_models):
+def cpu_comparison(tmp_path_factory):
     """fp32 reference, then the packed path in fp32 and bf16 and the broken variant in bf16, on CPU."""
     from schemas.params import parse_params
     from stages.families import family
+    from stages.tiny_model import make_tiny_model
     from stages.train import free_port
     from stages.train.model import load_model, wrap_fsdp2
 
-    model_dir = str(tiny_models["qwen2_5_vl"])
+    model_dir = str(make_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("cpu-comparison") / "model"))
     fam = family("qwen2_5_vl")
     params = parse_params(
         {
