@@ -334,8 +334,8 @@ def measure(tr: Trainer, steps: list[list[str]], warmup: int, budget: int, peak:
         "peak_mem_gib": peak_gib(tr.device),
         "first_step_loss": losses[0],
         "losses": losses,
-        "micro_batches_per_step": sum(len(b) for b in batches) / len(batches),
-        "tokens_through_model_per_step": sum(x.tokens for b in batches for x in b) / len(batches),
+        "micro_batches_per_step": sum(len(b) for b in batches[warmup:]) / len(batches[warmup:]),
+        "tokens_through_model_per_step": sum(x.tokens for b in batches[warmup:] for x in b) / len(batches[warmup:]),
     }
 
 
