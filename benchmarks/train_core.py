@@ -3,8 +3,10 @@
 One configuration per process: the parent (`run_configs`) starts the benchmark script again with
 ``--config NAME --out FILE.json`` for each configuration and collects the JSON, so Liger's global patches never
 reach another configuration. Every child trains the same samples (one pack's samples per optimizer step) from the
-same checkpoint, loaded by the trainer's own ``load_model`` with the attention ``choose_attention`` picks, wrapped
-by ``wrap_fsdp2`` (bf16 mixed precision on CUDA), with the trainer's AdamW groups and gradient clipping.
+same checkpoint, set up in the trainer's order (stages/train/worker.py): ``init_distributed``, the attention
+``choose_attention`` picks, ``build_model`` on the meta device, ``apply_liger``, ``wrap_fsdp2`` (bf16 mixed
+precision on CUDA), ``materialize`` (weights loaded from rank 0), the trainer's AdamW (``build_optimizer``) and
+gradient clipping.
 
 Configurations (`CONFIGS`):
 - full path: the packed row through ``row_loss_sum`` (``qvl_packed`` varlen attention, logits only at label
@@ -49,11 +51,13 @@ from stages.families import family
 from stages.train import free_port
 from stages.train.attention import kernel_name
 from stages.train.data import IGNORE, Row, RowBuilder
+from stages.train.distributed import init_distributed
 from stages.train.forward import row_loss_sum
 from stages.train.liger import apply_liger
-from stages.train.model import choose_attention, load_model, wrap_fsdp2
+from stages.train.loading import materialize
+from stages.train.model import build_model, choose_attention, wrap_fsdp2
 from stages.train.optim import build_optimizer
-from stages.train.telemetry import parameter_counts, peak_flops, step_flops
+from stages.train.telemetry import MFU_CONVENTION, parameter_counts, peak_flops, step_flops
 
 
 @dataclass(frozen=True)
@@ -78,10 +82,9 @@ CONVENTIONS = {
     "segments (stages/train/data.py RowBuilder._dummy), no sequence-parallel padding",
     "step": "one optimizer step = the samples of one pack (packed: one row; baseline: its micro-batches)",
     "tokens_per_s": "real tokens of the measured steps / their wall time (synchronised); warm-up steps excluded",
-    "flops_lm": "6 * N_lm * tokens + 12 * layers * heads * head_dim * sum(len_i^2) over the packed samples "
-    "(stages/train/telemetry.py step_flops); N_lm = non-embedding language-model parameters + lm_head "
-    "(vocab x hidden, counted although tied to the embeddings); the same FLOPs for every configuration",
-    "flops_vision": "6 * N_vision * vision patches of the real samples (attention inside the tower not counted)",
+    "flops": "the trainer's own count (stages/train/telemetry.py step_flops): " + MFU_CONVENTION + "; from the "
+    "real samples (lengths, label positions, patches), so the same FLOPs for every configuration (the baseline's "
+    "logits at non-label positions are not counted as useful work)",
     "mfu": "flops_lm / (seconds * peak bf16 dense FLOP/s of the device * ranks); null where the peak is unknown (CPU)",
     "mfu_with_vision": "(flops_lm + flops_vision) / (seconds * peak)",
     "peak_mem_gib": "CUDA: torch.cuda.max_memory_allocated, reset after the model, FSDP and optimizer are built "
@@ -115,6 +118,11 @@ def forward_args(args: argparse.Namespace) -> list[str]:
 
 def real_lengths(builder: RowBuilder, sample_ids: list[str]) -> list[int]:
     return [len(builder.samples[s]["input_ids"]) for s in sample_ids]
+
+
+def label_positions(builder: RowBuilder, sample_ids: list[str]) -> int:
+    """Label tokens after the shift inside each sample (what reaches the loss)."""
+    return sum(sum(label != IGNORE for label in builder.samples[s]["labels"][1:]) for s in sample_ids)
 
 
 def real_patches(builder: RowBuilder, sample_ids: list[str]) -> int:
@@ -201,9 +209,10 @@ class Trainer:
         self.params = params = load_workspace_params(root)
         self.fam = fam = family(params.dataset_config.processor_config.processor_type)
         self.world = dist.get_world_size()
-        attention, _ = choose_attention("auto" if setup.packed else "sdpa", device, setup.sp)
+        args = params.trainer_args
+        attention, _ = choose_attention("auto" if setup.packed else "sdpa", device, setup.sp, args.bf16)
         self.attention = attention
-        self.model = load_model(params, fam, device, attention)
+        self.model = build_model(params, fam, attention)  # meta device: weights come after sharding
         check_degree(setup.sp, self.world, self.model.config.text_config)
         self.sp = build_layout(setup.sp).sp
         text_model = self.model.get_submodule(fam.text_model_prefix)
@@ -212,15 +221,14 @@ class Trainer:
         if mem_cap_tokens:
             MemoryCap(text_model, mem_cap_tokens)
         self.liger, self.liger_note = apply_liger(self.model, fam, device) if setup.liger else (False, "not used")
-        lm, self.vision_params = parameter_counts(self.model, fam.vision_tower_prefix)
-        text = self.model.config.text_config
-        self.lm_params = lm + text.vocab_size * text.hidden_size  # lm_head counted (tied or not)
+        self.counts = parameter_counts(self.model, fam.vision_tower_prefix)
         self.takes_seconds = "second_per_grid_ts" in inspect.signature(self.model.forward).parameters
-        wrap_fsdp2(self.model, params, fam, mixed_precision=params.trainer_args.bf16 and device.type == "cuda")
-        self.optimizer = build_optimizer(self.model, params.trainer_args, fam)
+        wrap_fsdp2(self.model, params, fam, mixed_precision=args.bf16 and device.type == "cuda")
+        cls = fam.transformers_class(fam.model_class)
+        materialize(self.model, cls, params.model_config_.load_from_pretrained_path, device)
+        self.optimizer = build_optimizer(self.model, args, fam, device)
         processor = AutoProcessor.from_pretrained(params.dataset_config.processor_config.processor_name)
         self.pad_id = processor.tokenizer.pad_token_id or 0
-        cls = fam.transformers_class(fam.model_class)
         vision = VisionArgs.for_processor(processor, params.dataset_config)
         self.builder = RowBuilder(root, processor, vision, cls, self.model.config)
         self.size = 0  # tokens of the micro-batch in flight (the "at" of an OOM)
@@ -318,7 +326,7 @@ def measure(tr: Trainer, steps: list[list[str]], warmup: int, budget: int, peak:
     tokens = lm = vis = 0
     for ids in steps[warmup:]:
         lengths = real_lengths(tr.builder, ids)
-        a, b = step_flops(tr.lm_params, tr.vision_params, text, lengths, real_patches(tr.builder, ids))
+        a, b = step_flops(tr.counts, text, lengths, label_positions(tr.builder, ids), real_patches(tr.builder, ids))
         tokens, lm, vis = tokens + sum(lengths), lm + a, vis + b
     return {
         "oom": False,
@@ -395,15 +403,7 @@ def child_main(args: argparse.Namespace) -> None:
     """Measure one configuration and write its JSON (rank 0)."""
     started = time.monotonic()
     setup = CONFIGS[args.config]
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend)
-    else:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    device = init_distributed().device  # torchrun's environment (run_configs sets it for one process)
     torch.manual_seed(0)
     root = Path(args.workspace)
     tr = Trainer(root, setup, device, args.mem_cap_tokens)
@@ -460,7 +460,10 @@ def run_configs(
         path.unlink(missing_ok=True)
         child = [str(script), "--config", name, "--workspace", str(workspace), "--out", str(path), *extra]
         launcher = [sys.executable]
+        env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
         if setup.sp > 1:
+            env = dict(os.environ)
             launcher += [
                 "-m",
                 "torch.distributed.run",
@@ -470,7 +473,7 @@ def run_configs(
             ]
         print(f"== {name}: {setup.about}", file=sys.stderr, flush=True)
         try:
-            proc = subprocess.run(launcher + child, stdout=sys.stderr, timeout=timeout_s, check=False)
+            proc = subprocess.run(launcher + child, stdout=sys.stderr, env=env, timeout=timeout_s, check=False)
             code = proc.returncode
         except subprocess.TimeoutExpired:
             code = "timeout"

@@ -1,5 +1,5 @@
 """Training throughput on CPU (issues 5 and 14): the same measuring core as the GPU benchmark
-(benchmarks/train_core.py: one process per configuration, the trainer's load_model / qvl_packed / FSDP2 path,
+(benchmarks/train_core.py: one process per configuration, the trainer's own model loading, qvl_packed and FSDP2,
 real tokens only) on the demo data (images, videos, text) with the tiny Qwen2.5-VL model in fp32, plus the row
 builder's throughput against the trainer's consumption.
 

@@ -1,16 +1,17 @@
 """GPU training benchmark (issue 14): this project's path against the baseline users run, one process per
 configuration (benchmarks/train_core.py says what each measures and how it counts).
 
-A randomly initialised model of a released architecture (stages/released_configs.py), saved once and loaded by the
-trainer's ``load_model``; image+text and text-only chat samples made like the demo's, run through the real
-validate -> tokenize -> pack stages; FSDP2 on one rank (two for SP=2), bf16 compute with fp32 master weights,
-gradient checkpointing, the trainer's AdamW groups. Writes one JSON (--out) with every configuration's
-tokens/s, MFU (language model only, and with vision), peak memory, first-step loss and longest trainable row,
-the conventions used, and the comparison with the targets; each child's own JSON lies beside it.
+A randomly initialised model of a released architecture (stages/released_configs.py), saved once and loaded as
+the trainer loads a checkpoint (``build_model`` on the meta device, FSDP2, ``materialize``); image+text and
+text-only chat samples made like the demo's, run through the real validate -> tokenize -> pack stages; FSDP2 on
+one rank (two for SP=2), bf16 compute with fp32 master weights, gradient checkpointing, the trainer's AdamW
+groups. Writes one JSON (--out) with every configuration's tokens/s, MFU (language model only, and with
+vision), peak memory, first-step loss and longest trainable row, the conventions used, and the comparison with
+the targets; each child's own JSON lies beside it.
 
     python benchmarks/train_gpu.py                          # one H100/H200: Qwen2.5-VL-3B architecture, 16k packs
     python benchmarks/train_gpu.py --model qwen3_vl_4b      # Qwen3-VL-4B architecture
-    python benchmarks/train_gpu.py --smoke                  # any machine: tiny model, 2k packs (checks the script)
+    python benchmarks/train_gpu.py --smoke                  # any machine: tiny model, 1k packs (checks the script)
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The training benchmarks' workspace: data run through the real validate -> (decode ->) tokenize -> pack stages, a
-model checkpoint that `stages/train/model.py:load_model` loads like the trainer does, and the params both read.
+model checkpoint the trainer's loading path (stages/train/loading.py) reads, and the params both read.
 
 Built once by the parent process; every configuration's child process reads the same workspace, so all of them
 train the same samples from the same weights.

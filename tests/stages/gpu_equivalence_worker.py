@@ -22,8 +22,8 @@ sits ~5x above the bf16 error (room for the varlen kernel and Liger's bf16 kerne
 error, so it tells a bf16 kernel from an attention bug.
 
 Run as a script (on CUDA, by test_train_gpu.py; a fresh process, since Liger patches transformers globally):
-the trainer's path (load_model, FSDP2 with bf16 mixed precision over NCCL, qvl_packed varlen, optional Liger)
-against the reference, writing the comparisons as JSON.
+the trainer's path (meta-device build, Liger where asked, FSDP2 with bf16 mixed precision over NCCL, weights
+loaded from rank 0, qvl_packed varlen) against the reference, writing the comparisons as JSON.
 """
 
 from __future__ import annotations
@@ -82,6 +82,36 @@ def copy_rows(rows: int, samples_per_row: int, half: int, seed: int = 0) -> list
             )
         )
     return out
+
+
+def bench_params(model_dir: str, family_name: str):
+    """Params for loading ``model_dir`` the trainer's way: bf16 (mixed precision on CUDA), gradient checkpointing."""
+    from schemas.params import parse_params
+
+    return parse_params(
+        {
+            "dataset_config": {"processor_config": {"processor_name": model_dir, "processor_type": family_name}},
+            "model_config": {"load_from_pretrained_path": model_dir},
+            "trainer_args": {"bf16": True, "gradient_checkpointing": True},
+        }
+    )
+
+
+def trainer_model(params, device: torch.device, attention: str, fsdp_bf16: bool | None, liger: bool = False):
+    """The model as stages/train/worker.py sets it up: built on the meta device, Liger (if asked), FSDP2 (unless
+    ``fsdp_bf16`` is None: the reference stays a plain module), weights loaded from rank 0. (model, liger note)."""
+    from stages.families import family
+    from stages.train.liger import apply_liger
+    from stages.train.loading import materialize
+    from stages.train.model import build_model, wrap_fsdp2
+
+    fam = family(params.dataset_config.processor_config.processor_type)
+    model = build_model(params, fam, attention)
+    applied, note = apply_liger(model, fam, device) if liger else (False, "not used")
+    if fsdp_bf16 is not None:
+        wrap_fsdp2(model, params, fam, mixed_precision=fsdp_bf16)
+    materialize(model, fam.transformers_class(fam.model_class), params.model_config_.load_from_pretrained_path, device)
+    return model, applied, note
 
 
 def gradients(model) -> dict[str, torch.Tensor]:
@@ -158,39 +188,26 @@ def main(model_dir: str, family_name: str, out: str) -> None:
     against the fp32 reference."""
     import torch.distributed as dist
 
-    from schemas.params import parse_params
-    from stages.families import family
-    from stages.train import free_port
-    from stages.train.liger import apply_liger
-    from stages.train.model import choose_attention, load_model, wrap_fsdp2
+    from stages.train.distributed import init_distributed
+    from stages.train.model import choose_attention
 
-    device = torch.device("cuda:0")
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    fam = family(family_name)
-    params = parse_params(
-        {
-            "dataset_config": {"processor_config": {"processor_name": model_dir, "processor_type": family_name}},
-            "model_config": {"load_from_pretrained_path": model_dir},
-            "trainer_args": {"bf16": True, "gradient_checkpointing": True},
-        }
-    )
+    device = init_distributed().device  # torchrun-style environment, set by the test
+    params = bench_params(model_dir, family_name)
     rows = copy_rows(rows=2, samples_per_row=4, half=96)
-    ref_model = load_model(params, fam, device, "sdpa")
+    ref_model, _, _ = trainer_model(params, device, "sdpa", fsdp_bf16=None)
     ref = reference(ref_model, rows, device)
     del ref_model
-
-    def trainer_path(attention: str, liger: bool) -> tuple[dict, str]:
-        model = load_model(params, fam, device, attention)
-        applied, note = apply_liger(model, fam, device) if liger else (False, "not used")
-        wrap_fsdp2(model, params, fam, mixed_precision=True)
-        return compare(packed(model, rows, device, applied), ref), note
-
-    attention, _ = choose_attention("auto", device, 1)
+    attention, _ = choose_attention("auto", device, 1, bf16=True)
     result: dict = {"tolerance": {"grad": GRAD_TOLERANCE, "loss": LOSS_TOLERANCE}}
-    result["varlen_bf16"], _ = trainer_path(attention, liger=False)
-    result["broken_bf16"], _ = trainer_path(BROKEN, liger=False)
-    result["varlen_liger_bf16"], result["liger_note"] = trainer_path(attention, liger=True)  # patches stay: last
+    for name, text_attention, liger in (
+        ("varlen_bf16", attention, False),
+        ("broken_bf16", BROKEN, False),
+        ("varlen_liger_bf16", attention, True),  # last: Liger's patches stay in this process
+    ):
+        model, applied, note = trainer_model(params, device, text_attention, fsdp_bf16=True, liger=liger)
+        result[name] = compare(packed(model, rows, device, applied), ref)
+        result[f"{name}_liger"] = {"applied": applied, "note": note}
+        del model
     Path(out).write_text(json.dumps(result, indent=2))
     dist.destroy_process_group()
 

@@ -1,7 +1,7 @@
 """The packed training path against an fp32 SDPA reference, forward and backward (tests/stages/
 gpu_equivalence_worker.py says what is compared and how the tolerance was chosen).
 
-On CUDA (marked ``gpu``, skipped elsewhere): the trainer's bf16 path (load_model, FSDP2 over NCCL, varlen
+On CUDA (marked ``gpu``, skipped elsewhere): the trainer's bf16 path (meta build, FSDP2 over NCCL, varlen
 kernel, with and without Liger) passes the comparison and the broken variant (segments crossing) fails it.
 On every machine: the same comparison on CPU (fp32 and the trainer's bf16 mixed precision, per-sample SDPA
 kernel) passes, and the broken variant fails the same assertion, so the tolerance itself is tested.
@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from stages.train import free_port
 from stages.train.attention import ATTENTION_NAME, kernel_name
 from tests.conftest import REPO
 from tests.stages import gpu_equivalence_worker as eq
@@ -26,38 +27,31 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.fixture(scope="module")
 def cpu_comparison(tmp_path_factory):
     """fp32 reference, then the packed path in fp32 and bf16 and the broken variant in bf16, on CPU."""
-    from schemas.params import parse_params
-    from stages.families import family
     from stages.tiny_model import make_tiny_model
-    from stages.train import free_port
-    from stages.train.model import load_model, wrap_fsdp2
+    from stages.train.distributed import init_distributed
 
     model_dir = str(make_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("cpu-comparison") / "model"))
-    fam = family("qwen2_5_vl")
-    params = parse_params(
-        {
-            "dataset_config": {"processor_config": {"processor_name": model_dir, "processor_type": "qwen2_5_vl"}},
-            "model_config": {"load_from_pretrained_path": model_dir},
-            "trainer_args": {"bf16": True, "gradient_checkpointing": True},
-        }
-    )
-    cpu = torch.device("cpu")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    params = eq.bench_params(model_dir, "qwen2_5_vl")
+    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    cpu = init_distributed().device
     try:
         rows = eq.copy_rows(rows=2, samples_per_row=4, half=96)
-        ref = eq.reference(load_model(params, fam, cpu, "sdpa"), rows, cpu)
+        ref = eq.reference(eq.trainer_model(params, cpu, "sdpa", fsdp_bf16=None)[0], rows, cpu)
         results = {}
         for name, attention, bf16 in (
             ("fp32", ATTENTION_NAME, False),
             ("bf16", ATTENTION_NAME, True),
             ("broken_bf16", eq.BROKEN, True),
         ):
-            model = load_model(params, fam, cpu, attention)
-            wrap_fsdp2(model, params, fam, mixed_precision=bf16)
+            model = eq.trainer_model(params, cpu, attention, fsdp_bf16=bf16)[0]
             results[name] = eq.compare(eq.packed(model, rows, cpu), ref)
         yield results
     finally:
         dist.destroy_process_group()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def test_packed_path_matches_the_sdpa_reference_on_cpu(cpu_comparison):
@@ -85,7 +79,8 @@ def test_varlen_kernel_is_chosen_on_cuda():
 @pytest.mark.parametrize("family_name", ["qwen2_5_vl", "qwen3_vl"])
 def test_trainer_bf16_path_matches_fp32_reference_on_cuda(tiny_models, family_name, tmp_path):
     out = tmp_path / "gpu-equivalence.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    env |= {"LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     cmd = [
         sys.executable,
         str(REPO / "tests/stages/gpu_equivalence_worker.py"),
@@ -97,6 +92,7 @@ def test_trainer_bf16_path_matches_fp32_reference_on_cuda(tiny_models, family_na
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     eq.assert_matches(result["varlen_bf16"], "varlen bf16 (FSDP2, NCCL)")
-    eq.assert_matches(result["varlen_liger_bf16"], f"varlen + Liger bf16 ({result['liger_note']})")
+    assert result["varlen_liger_bf16_liger"]["applied"], result["varlen_liger_bf16_liger"]["note"]
+    eq.assert_matches(result["varlen_liger_bf16"], "varlen + Liger bf16")
     with pytest.raises(AssertionError, match="worst gradient"):
         eq.assert_matches(result["broken_bf16"], "broken varlen bf16")
