@@ -10,7 +10,7 @@ gradient clipping.
 
 Configurations (`CONFIGS`):
 - full path: the packed row through ``row_loss_sum`` (``qvl_packed`` varlen attention, logits only at label
-  positions), Liger applied by ``apply_liger``;
+  positions), the Liger kernel set from ``apply_liger`` (Liger on CUDA, its torch stand-ins on CPU);
 - full path without Liger;
 - baseline, what a user runs with the Hugging Face Trainer: the same samples sorted by length (as
   ``group_by_length`` does) and cut into micro-batches of at most ``--budget`` padded tokens, right-padded, sdpa,
@@ -220,7 +220,8 @@ class Trainer:
             shard_text_model_inputs(text_model, self.sp)
         if mem_cap_tokens:
             MemoryCap(text_model, mem_cap_tokens)
-        self.liger, self.liger_note = apply_liger(self.model, fam, device) if setup.liger else (False, "not used")
+        # the kernel set row_loss_sum takes (Liger on CUDA, torch stand-ins elsewhere), or None
+        self.kernels, self.liger_note = apply_liger(self.model, fam, device) if setup.liger else (None, "not used")
         self.counts = parameter_counts(self.model, fam.vision_tower_prefix)
         self.takes_seconds = "second_per_grid_ts" in inspect.signature(self.model.forward).parameters
         wrap_fsdp2(self.model, params, fam, mixed_precision=args.bf16 and device.type == "cuda")
@@ -253,7 +254,7 @@ class Trainer:
         for b in batches:
             self.size = b.tokens
             if isinstance(b, Row):
-                loss_sum = row_loss_sum(self.model, b, self.device, self.sp, self.liger, self.pad_id)
+                loss_sum = row_loss_sum(self.model, b, self.device, self.sp, self.kernels, self.pad_id)
                 # FSDP averages gradients over ranks: scale by world, as the worker does.
                 (loss_sum * self.world / max(label_tokens, 1)).backward()
                 total += loss_sum.detach().double()
@@ -418,7 +419,7 @@ def child_main(args: argparse.Namespace) -> None:
         "config": args.config,
         "about": setup.about,
         "attention": tr.attention,
-        "liger": tr.liger,
+        "liger": tr.kernels is not None,
         "liger_note": tr.liger_note,
         "world_size": tr.world,
         "budget_tokens": None if setup.packed else budget,

@@ -99,7 +99,8 @@ def bench_params(model_dir: str, family_name: str):
 
 def trainer_model(params, device: torch.device, attention: str, fsdp_bf16: bool | None, liger: bool = False):
     """The model as stages/train/worker.py sets it up: built on the meta device, Liger (if asked), FSDP2 (unless
-    ``fsdp_bf16`` is None: the reference stays a plain module), weights loaded from rank 0. (model, liger note)."""
+    ``fsdp_bf16`` is None: the reference stays a plain module), weights loaded from rank 0.
+    (model, the kernel set for row_loss_sum or None, the Liger log line)."""
     from stages.families import family
     from stages.train.liger import apply_liger
     from stages.train.loading import materialize
@@ -107,11 +108,11 @@ def trainer_model(params, device: torch.device, attention: str, fsdp_bf16: bool 
 
     fam = family(params.dataset_config.processor_config.processor_type)
     model = build_model(params, fam, attention)
-    applied, note = apply_liger(model, fam, device) if liger else (False, "not used")
+    kernels, note = apply_liger(model, fam, device) if liger else (None, "not used")
     if fsdp_bf16 is not None:
         wrap_fsdp2(model, params, fam, mixed_precision=fsdp_bf16)
     materialize(model, fam.transformers_class(fam.model_class), params.model_config_.load_from_pretrained_path, device)
-    return model, applied, note
+    return model, kernels, note
 
 
 def gradients(model) -> dict[str, torch.Tensor]:
@@ -143,12 +144,13 @@ def reference(model, rows: list[Row], device: torch.device) -> tuple[float, dict
     return loss_sum / total_labels, gradients(model)
 
 
-def packed(model, rows: list[Row], device: torch.device, liger: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
-    """The same through the trainer's ``row_loss_sum`` (whatever attention the model was loaded with)."""
+def packed(model, rows: list[Row], device: torch.device, kernels=None) -> tuple[float, dict[str, torch.Tensor]]:
+    """The same through the trainer's ``row_loss_sum`` (whatever attention the model was loaded with; ``kernels``:
+    what apply_liger returned, for its fused linear cross-entropy)."""
     total_labels = sum(r.label_tokens for r in rows)
     loss_sum = 0.0
     for row in rows:
-        loss = row_loss_sum(model, row, device, None, liger)
+        loss = row_loss_sum(model, row, device, None, kernels)
         (loss / total_labels).backward()
         loss_sum += float(loss)
     return loss_sum / total_labels, gradients(model)
@@ -204,9 +206,8 @@ def main(model_dir: str, family_name: str, out: str) -> None:
         ("broken_bf16", BROKEN, False),
         ("varlen_liger_bf16", attention, True),  # last: Liger's patches stay in this process
     ):
-        model, applied, note = trainer_model(params, device, text_attention, fsdp_bf16=True, liger=liger)
-        result[name] = compare(packed(model, rows, device, applied), ref)
-        result[f"{name}_liger"] = {"applied": applied, "note": note}
+        model, kernels, note = trainer_model(params, device, text_attention, fsdp_bf16=True, liger=liger)
+        result[name] = {**compare(packed(model, rows, device, kernels), ref), "liger_note": note}
         del model
     Path(out).write_text(json.dumps(result, indent=2))
     dist.destroy_process_group()

@@ -26,7 +26,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(scope="module")
 def cpu_comparison(tmp_path_factory):
-    """fp32 reference, then the packed path in fp32 and bf16 and the broken variant in bf16, on CPU."""
+    """fp32 reference, then the packed path in fp32 and bf16 (with and without the Liger stand-ins) and the
+    broken variant in bf16, on CPU."""
     from stages.tiny_model import make_tiny_model
     from stages.train.distributed import init_distributed
 
@@ -40,13 +41,14 @@ def cpu_comparison(tmp_path_factory):
         rows = eq.copy_rows(rows=2, samples_per_row=4, half=96)
         ref = eq.reference(eq.trainer_model(params, cpu, "sdpa", fsdp_bf16=None)[0], rows, cpu)
         results = {}
-        for name, attention, bf16 in (
-            ("fp32", ATTENTION_NAME, False),
-            ("bf16", ATTENTION_NAME, True),
-            ("broken_bf16", eq.BROKEN, True),
+        for name, attention, bf16, liger in (
+            ("fp32", ATTENTION_NAME, False, False),
+            ("bf16", ATTENTION_NAME, True, False),
+            ("liger_bf16", ATTENTION_NAME, True, True),  # the torch stand-ins of the Liger kernel set
+            ("broken_bf16", eq.BROKEN, True, False),
         ):
-            model = eq.trainer_model(params, cpu, attention, fsdp_bf16=bf16)[0]
-            results[name] = eq.compare(eq.packed(model, rows, cpu), ref)
+            model, kernels, _ = eq.trainer_model(params, cpu, attention, fsdp_bf16=bf16, liger=liger)
+            results[name] = eq.compare(eq.packed(model, rows, cpu, kernels), ref)
         yield results
     finally:
         dist.destroy_process_group()
@@ -58,6 +60,7 @@ def test_packed_path_matches_the_sdpa_reference_on_cpu(cpu_comparison):
     assert cpu_comparison["fp32"]["grad_max_rel_err"] < 1e-4  # fp32: summation order only
     eq.assert_matches(cpu_comparison["fp32"], "fp32 packed path")
     eq.assert_matches(cpu_comparison["bf16"], "bf16 packed path")
+    eq.assert_matches(cpu_comparison["liger_bf16"], "bf16 packed path, Liger stand-ins")
 
 
 def test_segments_crossing_fails_the_same_assertion_on_cpu(cpu_comparison):
@@ -92,7 +95,7 @@ def test_trainer_bf16_path_matches_fp32_reference_on_cuda(tiny_models, family_na
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     eq.assert_matches(result["varlen_bf16"], "varlen bf16 (FSDP2, NCCL)")
-    assert result["varlen_liger_bf16_liger"]["applied"], result["varlen_liger_bf16_liger"]["note"]
+    assert result["varlen_liger_bf16"]["liger_note"].startswith("Liger Triton kernels")
     eq.assert_matches(result["varlen_liger_bf16"], "varlen + Liger bf16")
     with pytest.raises(AssertionError, match="worst gradient"):
         eq.assert_matches(result["broken_bf16"], "broken varlen bf16")
