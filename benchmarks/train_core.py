@@ -1,12 +1,12 @@
 """The measuring core of the training benchmarks (benchmarks/train_gpu.py, benchmarks/train_cpu.py).
 
-One configuration per process: the parent (`run_configs`) starts the benchmark script again with
-``--config NAME --out FILE.json`` for each configuration and collects the JSON, so Liger's global patches never
-reach another configuration. Every child trains the same samples (one pack's samples per optimizer step) from the
-same checkpoint, set up in the trainer's order (stages/train/worker.py): ``init_distributed``, the attention
-``choose_attention`` picks, ``build_model`` on the meta device, ``apply_liger``, ``wrap_fsdp2`` (bf16 mixed
-precision on CUDA), ``materialize`` (weights loaded from rank 0), the trainer's AdamW (``build_optimizer``) and
-gradient clipping.
+One configuration per process: the parent (benchmarks/train_runner.py) starts the benchmark script again with
+``--config NAME --out FILE.json`` for each configuration and collects the JSON, so no kernel patch, registered
+attention or allocator state of one configuration reaches another. Every child trains the same samples (one
+pack's samples per optimizer step) from the same checkpoint, set up in the trainer's order
+(stages/train/worker.py): ``init_distributed``, the attention ``choose_attention`` picks, ``build_model`` on the
+meta device, ``apply_liger``, ``wrap_fsdp2`` (bf16 mixed precision on CUDA), ``materialize`` (weights loaded
+from rank 0), the trainer's AdamW (``build_optimizer``) and gradient clipping.
 
 Configurations (`CONFIGS`):
 - full path: the packed row through ``row_loss_sum`` (``qvl_packed`` varlen attention, logits only at label
@@ -34,23 +34,18 @@ import argparse
 import gc
 import inspect
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from benchmarks.train_batches import label_positions, micro_batches, padded_batch, real_lengths, real_patches
 from benchmarks.train_workspace import load_workspace_params
 from stages.families import family
-from stages.train import free_port
-from stages.train.attention import kernel_name
-from stages.train.data import IGNORE, Row, RowBuilder
+from stages.train.data import Row, RowBuilder
 from stages.train.distributed import init_distributed
 from stages.train.forward import row_loss_sum
 from stages.train.liger import apply_liger
@@ -94,90 +89,6 @@ CONVENTIONS = {
     "longest_row": "longest micro-batch (tokens through the language model) that trains one full step: sizes double "
     "from --search-start until out of memory or --search-limit, then bisection",
 }
-
-
-def add_measure_args(ap: argparse.ArgumentParser) -> None:
-    """Options every child receives from its parent (``forward_args``)."""
-    ap.add_argument("--steps", type=int, default=4, help="measured steps per configuration (after --warmup)")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--budget", type=int, default=0, help="baseline: padded tokens per micro-batch (0: packing length)")
-    ap.add_argument("--search-start", type=int, default=0, help="longest-row search: first size (0: packing / 4)")
-    ap.add_argument("--search-limit", type=int, default=0, help="longest-row search: largest size (0: 8 x packing)")
-    ap.add_argument("--bisections", type=int, default=3)
-    ap.add_argument("--mem-cap-tokens", type=int, default=0, help="raise torch.OutOfMemoryError above this many tokens")
-    ap.add_argument("--child-deadline-s", type=float, default=0, help="stop the row search after this (0: never)")
-
-
-def forward_args(args: argparse.Namespace) -> list[str]:
-    names = ("steps", "warmup", "budget", "search_start", "search_limit", "bisections", "mem_cap_tokens")
-    return [x for n in names + ("child_deadline_s",) for x in (f"--{n.replace('_', '-')}", str(getattr(args, n)))]
-
-
-# ---------------------------------------------------------------- child: one configuration in this process
-
-
-def real_lengths(builder: RowBuilder, sample_ids: list[str]) -> list[int]:
-    return [len(builder.samples[s]["input_ids"]) for s in sample_ids]
-
-
-def label_positions(builder: RowBuilder, sample_ids: list[str]) -> int:
-    """Label tokens after the shift inside each sample (what reaches the loss)."""
-    return sum(sum(label != IGNORE for label in builder.samples[s]["labels"][1:]) for s in sample_ids)
-
-
-def real_patches(builder: RowBuilder, sample_ids: list[str]) -> int:
-    grids = [g for s in sample_ids for k in ("image_grid_thw", "video_grid_thw") for g in builder.samples[s][k]]
-    return sum(t * h * w for t, h, w in grids)
-
-
-def micro_batches(builder: RowBuilder, sample_ids: list[str], budget: int) -> list[list[str]]:
-    """Longest first (``group_by_length``), each micro-batch at most ``budget`` padded tokens (one sample if it
-    alone is longer)."""
-    ordered = sorted(sample_ids, key=lambda s: -len(builder.samples[s]["input_ids"]))
-    groups: list[list[str]] = []
-    for s in ordered:
-        longest = len(builder.samples[groups[-1][0]]["input_ids"]) if groups else 0
-        if groups and (len(groups[-1]) + 1) * longest <= budget:
-            groups[-1].append(s)
-        else:
-            groups.append([s])
-    return groups
-
-
-@dataclass
-class Padded:
-    """One right-padded HF-style micro-batch."""
-
-    inputs: dict[str, torch.Tensor]
-    tokens: int  # padded tokens through the model
-    label_tokens: int
-
-
-def padded_batch(builder: RowBuilder, sample_ids: list[str], pad_id: int, takes_seconds: bool) -> Padded:
-    """input_ids / attention_mask / labels (unshifted; the model's loss shifts) and the samples' pixels, as a
-    data collator over processor outputs gives them; the model computes its own M-RoPE positions."""
-    samples = [builder.samples[s] for s in sample_ids]
-    longest = max(len(s["input_ids"]) for s in samples)
-    ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), longest), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(samples), longest), dtype=torch.long)
-    for i, s in enumerate(samples):
-        n = len(s["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"]), 1
-    vision = builder.build_samples(sample_ids).vision  # the samples' pixels, plus filler for absent kinds
-    inputs = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "labels": labels,
-        "mm_token_type_ids": ((ids == builder.image_token).int() + 2 * (ids == builder.video_token).int()),
-    }
-    if any(s["image_paths"] for s in samples):
-        inputs |= {k: vision[k] for k in ("pixel_values", "image_grid_thw")}
-    if any(s["video_keys"] for s in samples):
-        inputs |= {k: vision[k] for k in ("pixel_values_videos", "video_grid_thw")}
-        if takes_seconds:
-            inputs["second_per_grid_ts"] = torch.tensor([t for s in samples for t in s["second_per_grid_ts"]])
-    return Padded(inputs, ids.numel(), int((labels[:, 1:] != IGNORE).sum()))
 
 
 class MemoryCap:
@@ -434,91 +345,3 @@ def child_main(args: argparse.Namespace) -> None:
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(result, indent=2))
     dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------- parent: one child process per configuration
-
-
-def run_configs(
-    script: Path,
-    workspace: Path,
-    names: list[str],
-    extra: list[str],
-    out: Path,
-    timeout_s: float,
-    on_result: Callable[[dict[str, dict]], None] = lambda results: None,
-) -> dict[str, dict]:
-    """Start ``script --config NAME`` per configuration (torchrun for SP) and collect what each wrote;
-    ``on_result`` sees the results so far after each (the parent writes them, in case it is stopped)."""
-    results: dict[str, dict] = {}
-    gpus = torch.cuda.device_count()
-    for name in names:
-        setup = CONFIGS[name]
-        if setup.sp > 1 and gpus < setup.sp:
-            results[name] = {"skipped": f"needs {setup.sp} CUDA GPUs, this machine has {gpus}"}
-            continue
-        path = out.with_name(f"{out.stem}.{name}.json")
-        path.unlink(missing_ok=True)
-        child = [str(script), "--config", name, "--workspace", str(workspace), "--out", str(path), *extra]
-        launcher = [sys.executable]
-        env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
-        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-        if setup.sp > 1:
-            env = dict(os.environ)
-            launcher += [
-                "-m",
-                "torch.distributed.run",
-                f"--nproc_per_node={setup.sp}",
-                "--master_addr=127.0.0.1",
-                f"--master_port={free_port()}",
-            ]
-        print(f"== {name}: {setup.about}", file=sys.stderr, flush=True)
-        try:
-            proc = subprocess.run(launcher + child, stdout=sys.stderr, env=env, timeout=timeout_s, check=False)
-            code = proc.returncode
-        except subprocess.TimeoutExpired:
-            code = "timeout"
-        if path.is_file():
-            results[name] = json.loads(path.read_text())
-        else:
-            results[name] = {"error": f"the child process ended with {code} and wrote no result"}
-        on_result(results)
-    return results
-
-
-def environment(device: torch.device) -> dict:
-    import transformers
-
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor()})",
-        "gpus": torch.cuda.device_count(),
-        "date": time.strftime("%Y-%m-%d"),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "attention_kernel": kernel_name(device),
-        "peak_flops": peak_flops(device),
-    }
-
-
-TARGETS = {"speedup_tokens_per_s_min": 2.0, "peak_memory_ratio_max": 0.7, "mfu_lm_min": 0.45}
-
-
-def compare(configs: dict[str, dict]) -> dict:
-    """The full path against the baseline, read against the targets (None where a side has no figure)."""
-    full, base = configs.get("full_path", {}), configs.get("baseline", {})
-    measured = all("tokens_per_s" in c for c in (full, base))
-    speedup = full["tokens_per_s"] / base["tokens_per_s"] if measured else None
-    memory = full["peak_mem_gib"] / base["peak_mem_gib"] if measured else None
-    loss_diff = abs(full["first_step_loss"] - base["first_step_loss"]) if measured else None
-    mfu = full.get("mfu")
-    return {
-        "speedup_tokens_per_s": speedup,
-        "peak_memory_ratio": memory,
-        "first_step_loss_abs_diff": loss_diff,
-        "targets": TARGETS,
-        "meets": {
-            "speedup": None if speedup is None else speedup >= TARGETS["speedup_tokens_per_s_min"],
-            "peak_memory": None if memory is None else memory <= TARGETS["peak_memory_ratio_max"],
-            "mfu_lm": None if mfu is None else mfu >= TARGETS["mfu_lm_min"],
-        },
-    }

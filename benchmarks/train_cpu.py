@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks import train_core  # noqa: E402
+from benchmarks import train_core, train_runner  # noqa: E402
 from benchmarks.train_workspace import bench_params, load_workspace_params, prepare  # noqa: E402
 
 DEMO_DATASETS = [
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/train_cpu.json")
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--workspace", help=argparse.SUPPRESS)
-    train_core.add_measure_args(ap)
+    train_runner.add_measure_args(ap)
     args = ap.parse_args()
     if args.config:
         train_core.child_main(args)
@@ -85,18 +85,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         build_workspace(root, args.family, args.packing_length)
-        configs = train_core.run_configs(
-            Path(__file__).resolve(), root, args.configs.split(","), train_core.forward_args(args), out, 1800
+        configs = train_runner.run_configs(
+            Path(__file__).resolve(), root, args.configs.split(","), train_runner.forward_args(args), out, 1800
         )
         builder = builder_throughput(root)
     full = configs.get("full_path", {})
     result = {
-        **train_core.environment(torch.device("cpu")),
+        **train_runner.environment(torch.device("cpu")),
         "model": f"tiny {args.family}",
         "packing_length": args.packing_length,
         "conventions": train_core.CONVENTIONS,
         "configs": configs,
-        "comparison": train_core.compare(configs),
+        "comparison": train_runner.compare(configs),
         "row_builder": builder,
         "trainer_rows_per_s": 1 / (full["seconds"] / full["steps"]) if "seconds" in full else None,
     }

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks import train_core  # noqa: E402
+from benchmarks import train_core, train_runner  # noqa: E402
 from benchmarks.train_workspace import bench_params, prepare, save_random_checkpoint, write_dataset  # noqa: E402
 from stages.families import family  # noqa: E402
 from stages.released_configs import RELEASED, released_config  # noqa: E402
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--child-timeout-s", type=float, default=420)
     ap.add_argument("--config", help=argparse.SUPPRESS)  # child mode: measure this configuration only
     ap.add_argument("--workspace", help=argparse.SUPPRESS)
-    train_core.add_measure_args(ap)
+    train_runner.add_measure_args(ap)
     args = ap.parse_args()
     if args.config:
         train_core.child_main(args)
@@ -78,7 +78,7 @@ def main() -> None:
     started = time.monotonic()
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     result = {
-        **train_core.environment(device),
+        **train_runner.environment(device),
         "model": f"tiny {RELEASED[args.model].processor_type}" if args.smoke else args.model,
         "family": family(RELEASED[args.model].processor_type).processor_type,
         "packing_length": args.packing_length,
@@ -87,7 +87,7 @@ def main() -> None:
     }
 
     def write(configs: dict[str, dict]) -> None:
-        result.update(configs=configs, comparison=train_core.compare(configs))
+        result.update(configs=configs, comparison=train_runner.compare(configs))
         result["seconds"] = {"prepare": prepared, "total": time.monotonic() - started}
         out.write_text(json.dumps(result, indent=2))
 
@@ -95,9 +95,9 @@ def main() -> None:
         root = Path(tmp)
         build_workspace(root, args)
         prepared = time.monotonic() - started
-        script, extra = Path(__file__).resolve(), train_core.forward_args(args)
+        script, extra = Path(__file__).resolve(), train_runner.forward_args(args)
         names = args.configs.split(",")
-        configs = train_core.run_configs(script, root, names, extra, out, args.child_timeout_s, write)
+        configs = train_runner.run_configs(script, root, names, extra, out, args.child_timeout_s, write)
     write(configs)
     print(json.dumps(result, indent=2))
     failed = [n for n, c in configs.items() if "error" in c]
