@@ -131,13 +131,20 @@ def checkpoint_bytes(run_dir: Path, state: dict, world: int) -> int:
 
 def space_warning(run_dir: Path, need: int) -> str | None:
     """A warning when the run directory's filesystem has less free space than a checkpoint needs, else None."""
-    free = shutil.disk_usage(run_dir).free
+    free = _free_bytes(run_dir)
     if free >= need:
         return None
     return (
         f"warning: {_size(free)} free on the filesystem of {run_dir}, a checkpoint needs about {_size(need)}: "
         "the next checkpoint write will likely fail (free some space or lower trainer_args.save_total_limit)"
     )
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that holds ``path`` (or would: its nearest existing parent)."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 def _size(n: float) -> str:
@@ -180,11 +187,11 @@ def _agree_or_raise(failure: BaseException | None, tmp: Path, final: Path, need:
     dist.barrier()
     if failure is None:
         raise PipelineError(f"checkpoint {final} not written: another rank failed (see its error)")
-    free = shutil.disk_usage(final.parent).free
+    free = _free_bytes(final.parent)
     if _is_disk_full(failure) or free < need:
         raise PipelineError(
             f"disk full while writing checkpoint {final}: it needs about {_size(need)}, {_size(free)} is free on "
-            "its filesystem; the previous checkpoint is intact (free some space, then rerun to resume)"
+            "its filesystem; earlier checkpoints are untouched (free some space, then rerun to resume)"
         )
     reason = str(failure).strip().splitlines()[-1] if str(failure).strip() else ""
     raise PipelineError(f"could not write checkpoint {final}: {type(failure).__name__}: {reason}")
@@ -207,7 +214,7 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: d
             tmp.mkdir(parents=True)
         except OSError as exc:
             failure = exc
-        if warning := space_warning(run_dir, need):
+        if failure is None and (warning := space_warning(run_dir, need)):
             print(warning, file=sys.stderr, flush=True)
     _agree_or_raise(failure, tmp, final, need)
     try:
