@@ -51,7 +51,7 @@ def loss_curve(root: Path) -> None:
 def registered_checkpoint(root: Path, registry_path: str) -> dict:
     rows = read_registry(root / registry_path)
     latest = rows[-1]
-    hashes = json.loads(latest["data_hashes"] or "{}")
+    hashes = latest["data_hashes"]
     lineage = "\n".join(
         f"| {stage} | {path} | `{md5}` |" for stage, outs in hashes.items() for path, md5 in outs.items()
     )
@@ -61,7 +61,7 @@ def registered_checkpoint(root: Path, registry_path: str) -> dict:
             f"## Checkpoint `{latest['id']}`\n\n- run: {latest['run']}, step {latest['step']}\n- path: "
             f"`{latest['path']}`, Hugging Face export: `{latest['hf_path']}`\n"
             f"- params hash: `{latest['params_hash']}`\n"
-            f"- git commit: `{latest['git_commit']}`\n- metrics: `{latest['metrics']}`\n\n"
+            f"- git commit: `{latest['git_commit']}`\n- metrics: `{json.dumps(latest['metrics'])}`\n\n"
             f"| stage | output | md5 |\n|---|---|---|\n{lineage}\n"
         ),
         description=f"registered {latest['id']}",

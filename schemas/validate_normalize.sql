@@ -5,6 +5,13 @@
 -- <image>/<video> tags plus top-level `image` / `video` keys).
 -- Each JSON document is parsed once (json_transform into typed structs); later steps read struct fields.
 
+-- What a JSON value is, in the user's words (json_type's names such as UBIGINT are DuckDB's, not the user's).
+CREATE OR REPLACE TEMP MACRO json_kind(t) AS
+CASE t WHEN 'VARCHAR' THEN 'a string' WHEN 'ARRAY' THEN 'a list' WHEN 'OBJECT' THEN 'an object'
+       WHEN 'BOOLEAN' THEN 'true/false' WHEN 'NULL' THEN 'null' WHEN 'BIGINT' THEN 'a number'
+       WHEN 'UBIGINT' THEN 'a number' WHEN 'DOUBLE' THEN 'a number' WHEN 'HUGEINT' THEN 'a number'
+       WHEN 'UHUGEINT' THEN 'a number' ELSE 'missing' END;
+
 CREATE OR REPLACE TEMP TABLE parsed AS
 SELECT source, row, load_reason, is_object,
        CASE WHEN is_object THEN json_transform(line,

@@ -37,9 +37,9 @@ FROM parsed JOIN raw USING (source, row) WHERE parsed.load_reason IS NULL AND NO
 UNION ALL
 SELECT source, row, 'missing_messages',
        CASE WHEN json_type(line, '$.messages') IS NOT NULL
-            THEN 'messages is ' || json_type(line, '$.messages') || ', not a list of messages'
+            THEN 'messages is ' || json_kind(json_type(line, '$.messages')) || ', not a list of messages'
             WHEN json_type(line, '$.conversations') IS NOT NULL
-            THEN 'conversations is ' || json_type(line, '$.conversations') || ', not a list of turns'
+            THEN 'conversations is ' || json_kind(json_type(line, '$.conversations')) || ', not a list of turns'
             ELSE 'no messages or conversations key (keys: ' || array_to_string(json_keys(line), ', ') || ')' END,
        -1, -1
 FROM parsed JOIN raw USING (source, row) WHERE is_object AND s.messages IS NULL AND s.conversations IS NULL
@@ -65,7 +65,9 @@ SELECT source, row, 'system_not_first', 'system message at position ' || msg_idx
 FROM turns WHERE role = 'system' AND msg_idx > 0
 UNION ALL
 SELECT source, row, 'bad_content_type',
-       'message ' || msg_idx || ' content is ' || coalesce(json_type(content), 'missing'), msg_idx, -1
+       'message ' || msg_idx || ' content is ' || json_kind(json_type(content))
+           || CASE fmt WHEN 'conversations' THEN ', not a string' ELSE ', not a string or a list of parts' END,
+       msg_idx, -1
 FROM turns
 WHERE coalesce(json_type(content), 'NULL') NOT IN ('VARCHAR', 'ARRAY')
    OR (fmt = 'conversations' AND json_type(content) <> 'VARCHAR')

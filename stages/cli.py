@@ -99,7 +99,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
     rows = read_registry(Path(load_params(args.params).registry.path))
     if args.action == "list":
         for r in rows:
-            metrics = json.loads(r["metrics"] or "{}")
+            metrics = r["metrics"]
             print(f"{r['id']}\tstep {r['step']}\tloss {metrics.get('loss', metrics.get('final_loss'))}\t{r['path']}")
         return 0
     match = [r for r in rows if r["id"] == args.id or r["id"].startswith(args.id or "\0")]

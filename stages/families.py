@@ -28,7 +28,8 @@ class ModelFamily:
     vision_tower_prefix: str  # parameter-name prefix of the vision tower
     projector_prefixes: tuple[str, ...]  # parameter-name prefixes of the vision-to-text projectors (mm_projector_lr)
     text_model_prefix: str  # module path of the text decoder stack (sequence parallelism shards its inputs)
-    liger_patch: str  # liger_kernel.transformers function that patches this family (RMSNorm, RoPE, SwiGLU, FLCE)
+    rms_norm_classes: tuple[str, ...]  # Qwen-form RMSNorm modules use_liger_kernel swaps (stages/train/liger.py)
+    swiglu_mlp_classes: tuple[str, ...]  # gate/up/down + SiLU MLP modules use_liger_kernel swaps
     has_deepstack: bool
     extra_tokens: tuple[str, ...]  # added tokens after the special ones, as in the released tokenizer
     chat_template: str  # file name under stages/templates/
@@ -71,7 +72,8 @@ _FAMILIES = {
             vision_tower_prefix="model.visual",
             projector_prefixes=("model.visual.merger",),
             text_model_prefix="model.language_model",
-            liger_patch="apply_liger_kernel_to_qwen2_vl",
+            rms_norm_classes=("Qwen2VLRMSNorm",),
+            swiglu_mlp_classes=("Qwen2MLP",),
             has_deepstack=False,
             extra_tokens=EXTRA_TOKENS_QWEN2,
             chat_template="qwen2_5_vl.jinja",
@@ -97,7 +99,8 @@ _FAMILIES = {
             vision_tower_prefix="model.visual",
             projector_prefixes=("model.visual.merger",),
             text_model_prefix="model.language_model",
-            liger_patch="apply_liger_kernel_to_qwen2_5_vl",
+            rms_norm_classes=("Qwen2_5_VLRMSNorm",),
+            swiglu_mlp_classes=("Qwen2MLP", "Qwen2_5_VLMLP"),  # text MLP; vision MLP (with biases)
             has_deepstack=False,
             extra_tokens=EXTRA_TOKENS_QWEN2,
             chat_template="qwen2_5_vl.jinja",
@@ -131,7 +134,8 @@ _FAMILIES = {
             # them with the projector ("merger" in the name)
             projector_prefixes=("model.visual.merger", "model.visual.deepstack_merger_list"),
             text_model_prefix="model.language_model",
-            liger_patch="apply_liger_kernel_to_qwen3_vl",
+            rms_norm_classes=("Qwen3VLTextRMSNorm",),  # includes the per-head q_norm / k_norm
+            swiglu_mlp_classes=("Qwen3VLTextMLP",),  # the vision tower has LayerNorm and a GELU MLP
             has_deepstack=True,
             extra_tokens=EXTRA_TOKENS_QWEN3,
             chat_template="qwen3_vl.jinja",
@@ -166,7 +170,8 @@ _FAMILIES["qwen3_vl_moe"] = replace(
     config_class="Qwen3VLMoeConfig",
     decoder_layer_class="Qwen3VLMoeTextDecoderLayer",
     vision_block_class="Qwen3VLMoeVisionBlock",
-    liger_patch="apply_liger_kernel_to_qwen3_vl_moe",
+    rms_norm_classes=("Qwen3VLMoeTextRMSNorm",),
+    swiglu_mlp_classes=("Qwen3VLMoeTextMLP",),  # the dense layers' MLP; the experts are left alone
 )
 FAMILY_NAMES = tuple(_FAMILIES)
 

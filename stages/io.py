@@ -102,3 +102,12 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
 def write_json(target: str | Path, data: Any) -> None:
     with atomic_file(target) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def relative_to_root(text: str, root: str | Path) -> str:
+    """``text`` (a library's message, say) with every absolute path under ``root`` made relative to ``root``:
+    what is stored in an output table must read the same in every checkout directory."""
+    forms = {os.path.realpath(root), os.path.abspath(root)}
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form + os.sep, "")
+    return text

@@ -43,16 +43,23 @@ def token_ids() -> dict[str, int]:
     }
 
 
-def build_config(fam: ModelFamily):
-    """A small config of the family's real config class (about 40M parameters, mostly embeddings)."""
+def build_config(fam: ModelFamily, text_overrides: dict | None = None):
+    """A small config of the family's real config class (about 40M parameters, mostly embeddings);
+    ``text_overrides`` resize the language model (tests and benchmarks of loading at a chosen size)."""
     config_cls = fam.transformers_class(fam.config_class)
-    text = {**TINY_TEXT, **fam.tiny_text_config, "bos_token_id": 151643, "eos_token_id": 151645}
+    text = {
+        **TINY_TEXT,
+        **fam.tiny_text_config,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        **(text_overrides or {}),
+    }
     vision = {
         "depth": 2,
         "patch_size": fam.patch_size,
         "spatial_merge_size": fam.spatial_merge_size,
         "temporal_patch_size": fam.temporal_patch_size,
-        "out_hidden_size": TINY_TEXT["hidden_size"],
+        "out_hidden_size": text["hidden_size"],
         **fam.tiny_vision_config,
     }
     return config_cls(text_config=text, vision_config=vision, tie_word_embeddings=True, **token_ids())
@@ -79,14 +86,17 @@ def build_processor(fam: ModelFamily):
     )
 
 
-def make_tiny_model(processor_type: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Write the tiny checkpoint to ``out_dir`` atomically (built in a temp dir, then renamed)."""
+def make_tiny_model(
+    processor_type: str, out_dir: str | Path, seed: int = 0, text_overrides: dict | None = None, dtype: str = "float32"
+) -> Path:
+    """Write the tiny checkpoint to ``out_dir`` atomically (built in a temp dir, then renamed), saved in ``dtype``."""
     import torch
 
     fam = family(processor_type)
     with atomic_dir(out_dir) as tmp:
         torch.manual_seed(seed)
-        model = fam.transformers_class(fam.model_class)._from_config(build_config(fam), dtype=torch.float32)
+        config = build_config(fam, text_overrides)
+        model = fam.transformers_class(fam.model_class)._from_config(config, dtype=getattr(torch, dtype))
         model.save_pretrained(tmp)
         build_processor(fam).save_pretrained(tmp)
     return Path(out_dir)

@@ -27,7 +27,7 @@ from stages.decode.sampling import SamplingOptions, plan_frames, video_key
 from stages.decode.shards import INDEX_FILE, ShardWriter
 from stages.executor import map_chunks
 from stages.families import family
-from stages.io import atomic_dir, write_json
+from stages.io import atomic_dir, relative_to_root, write_json
 
 SAMPLES = Path("data/validated/samples.parquet")
 OUT_DIR = Path("data/frames")
@@ -163,7 +163,7 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
                         "video_key": job.key,
                         "path": job.path or job.frame_paths[0],
                         "reason": result.reason,
-                        "detail": result.detail,
+                        "detail": relative_to_root(result.detail, root),
                         "sample_ids": list(job.sample_ids),
                     }
                 )

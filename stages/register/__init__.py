@@ -124,11 +124,19 @@ def register(params: Params, root: Path = Path(".")) -> list[dict]:
         con.close()
 
 
+JSON_COLUMNS = ("metrics", "data_hashes")
+
+
 def list_checkpoints(con: duckdb.DuckDBPyConnection, run: str | None = None) -> list[dict]:
+    """Registry rows as plain values: the JSON columns (metrics, data_hashes) decoded into dicts."""
     sql = "SELECT * FROM checkpoints" + (" WHERE run = ?" if run else "") + " ORDER BY run, step"
     cursor = con.execute(sql, [run] if run else [])
     names = [d[0] for d in cursor.description]
-    return [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
+    rows = [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
+    for row in rows:
+        for column in JSON_COLUMNS:
+            row[column] = json.loads(row[column]) if row[column] else {}
+    return rows
 
 
 def read_registry(path: Path) -> list[dict]:

@@ -7,19 +7,20 @@ second all-to-all trades back (stages/train/sequence_parallel.py).
 
 Kernels, fastest available first: flash-attn's varlen kernel (when importable, CUDA), torch's
 ``torch.nn.attention.varlen.varlen_attn`` (CUDA), one causal SDPA call per packed sample (any device, exact).
-No path builds an L x L mask.
+No path builds an L x L mask. The CUDA kernel is chosen once per process (stages/train/varlen.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from stages.train import vision_attention
 from stages.train.sequence_parallel import SequenceParallel, heads_to_sequence, sequence_to_heads
+from stages.train.varlen import cuda_varlen
 
 ATTENTION_NAME = "qvl_packed"
 
@@ -43,36 +44,26 @@ class PackedSegments:
 
 
 def implementation_map(text_attention: str) -> str | dict[str, str]:
-    """The ``attn_implementation`` to load the model with: ``qvl_packed`` for the text tower goes with the vision
-    tower's attention (sdpa today); any other name applies to both towers."""
+    """The ``attn_implementation`` to load the model with: ``qvl_packed`` for the text tower goes with the
+    padding-free vision attention (stages/train/vision_attention.py); any other name applies to both towers."""
     if text_attention != ATTENTION_NAME:
         return text_attention
-    return {"text_config": text_attention, "vision_config": "sdpa"}
+    return {"text_config": text_attention, "vision_config": vision_attention.register()}
 
 
 def kernel_name(device: torch.device) -> str:
-    """The kernel ``qvl_packed`` uses on ``device`` (for the start-up log line)."""
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash-attn varlen"
+    """The kernel ``qvl_packed`` uses on ``device`` (for the start-up log line); on CUDA the padding-free vision
+    attention loaded with it uses the same one."""
     if device.type == "cuda":
-        return "torch varlen_attn"
-    return "causal SDPA per packed sample"
+        return cuda_varlen()[0]
+    return "causal SDPA per packed sample (vision: SDPA per window or frame)"
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: PackedSegments, scale: float) -> torch.Tensor:
     """Causal attention inside each segment. q (1, H, L, D), k/v (1, H_kv, L, D) -> (1, L, H, D)."""
     if q.is_cuda:
         q3, k3, v3 = (t[0].transpose(0, 1) for t in (q, k, v))  # (L, heads, D)
-        cu, n = seg.cu_seqlens, seg.max_len
-        if importlib.util.find_spec("flash_attn") is not None:
-            from flash_attn import flash_attn_varlen_func
-
-            out = flash_attn_varlen_func(q3, k3, v3, cu, cu, n, n, softmax_scale=scale, causal=True)
-        else:
-            from torch.nn.attention.varlen import varlen_attn
-
-            out = varlen_attn(q3, k3, v3, cu, cu, n, n, scale=scale, window_size=(-1, 0), enable_gqa=True)
-        return out.unsqueeze(0)
+        return cuda_varlen()[1](q3, k3, v3, seg.cu_seqlens, seg.max_len, scale, True).unsqueeze(0)
     bounds = seg.cu_seqlens.tolist()
     parts = [
         F.scaled_dot_product_attention(

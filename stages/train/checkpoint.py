@@ -100,25 +100,137 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class _PortableWriter(dcp.FileSystemWriter):
+    """DCP's file writer without its storage metadata (the absolute checkpoint path and a random save id, which
+    made every checkpoint's `.metadata` differ between runs and checkout directories); loading does not need it."""
+
+    def storage_meta(self) -> None:
+        return None
+
+
+def _tensor_bytes(tree) -> int:
+    """Bytes of this rank's share of every tensor in a (nested) state dict."""
+    from torch.distributed.tensor import DTensor  # (imports kept local: the module's import block is shared work)
+
+    if isinstance(tree, torch.Tensor):
+        local = tree.to_local() if isinstance(tree, DTensor) else tree
+        return local.numel() * local.element_size()
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, list | tuple):
+        return sum(_tensor_bytes(v) for v in tree)
+    return 0
+
+
+def checkpoint_bytes(run_dir: Path, state: dict, world: int) -> int:
+    """An estimate of a checkpoint's size: the newest complete one's, else this rank's tensor bytes x ranks."""
+    if existing := complete_checkpoints(run_dir):
+        return sum(f.stat().st_size for f in existing[-1].rglob("*") if f.is_file())
+    return _tensor_bytes(state) * world
+
+
+def space_warning(run_dir: Path, need: int) -> str | None:
+    """A warning when the run directory's filesystem has less free space than a checkpoint needs, else None."""
+    free = _free_bytes(run_dir)
+    if free >= need:
+        return None
+    return (
+        f"warning: {_size(free)} free on the filesystem of {run_dir}, a checkpoint needs about {_size(need)}: "
+        "the next checkpoint write will likely fail (free some space or lower trainer_args.save_total_limit)"
+    )
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that holds ``path`` (or would: its nearest existing parent)."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC anywhere in the error (DCP wraps each rank's error in a CheckpointException), or torch's zip writer's
+    `unexpected pos` (what torch.save raises when a write comes up short on a full disk)."""
+    import errno
+
+    found = [exc]
+    if isinstance(exc, dcp.CheckpointException):
+        found += [e for e, _ in exc.failures.values()]
+    for e in found:
+        while e is not None:
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                return True
+            if "No space left on device" in str(e) or "unexpected pos" in str(e):
+                return True
+            e = e.__cause__ or e.__context__
+    return False
+
+
+def _agree_or_raise(failure: BaseException | None, tmp: Path, final: Path, need: int) -> None:
+    """Every rank learns whether any rank failed; then all raise one clear error, with the temp dir removed (the
+    previous checkpoints are never touched before the new one is complete)."""
+    from schemas.errors import PipelineError
+
+    flag = torch.tensor([int(failure is not None)], dtype=torch.int32, device="cpu")  # gloo carries CPU tensors
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    if failure is None:
+        raise PipelineError(f"checkpoint {final} not written: another rank failed (see its error)")
+    free = _free_bytes(final.parent)
+    if _is_disk_full(failure) or free < need:
+        raise PipelineError(
+            f"disk full while writing checkpoint {final}: it needs about {_size(need)}, {_size(free)} is free on "
+            "its filesystem; earlier checkpoints are untouched (free some space, then rerun to resume)"
+        )
+    reason = str(failure).strip().splitlines()[-1] if str(failure).strip() else ""
+    raise PipelineError(f"could not write checkpoint {final}: {type(failure).__name__}: {reason}")
+
+
 def save(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict, keep: int | None) -> Path:
+    """Write checkpoint-<step> atomically (all ranks). Rank 0 prints a warning first when free space looks short;
+    a failed write (a full disk above all) raises PipelineError on every rank and leaves the previous checkpoints
+    as they were."""
+    import sys
+
     rank = dist.get_rank()
     tmp, final = run_dir / f".checkpoint-{step}.tmp", run_dir / f"checkpoint-{step}"
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    need = checkpoint_bytes(run_dir, {"model": model_sd, "optim": optim_sd}, dist.get_world_size())
+    failure: BaseException | None = None
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
-    if rank == 0:
-        state = {
-            **trainer_state,
-            "step": step,
-            "scheduler": scheduler.state_dict(),
-            "world_size": dist.get_world_size(),
-        }
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-    dist.barrier()
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            failure = exc
+        if failure is None and (warning := space_warning(run_dir, need)):
+            print(warning, file=sys.stderr, flush=True)
+    _agree_or_raise(failure, tmp, final, need)
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_PortableWriter(str(tmp)))
+        torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
+        if rank == 0:
+            state = {
+                **trainer_state,
+                "step": step,
+                "scheduler": scheduler.state_dict(),
+                "world_size": dist.get_world_size(),
+            }
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    except (OSError, RuntimeError, dcp.CheckpointException) as exc:
+        failure = exc
+    _agree_or_raise(failure, tmp, final, need)
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)

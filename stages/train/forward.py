@@ -1,39 +1,93 @@
 """One packed row through the model: the cross-entropy summed over this rank's label tokens.
 
-Only label positions reach the LM head (``logits_to_keep``); with Liger the fused linear cross-entropy never
-materialises even those logits. With sequence parallelism the row is padded to a multiple of the degree and
-this rank scores the labels of its own shard (stages/train/sequence_parallel.py).
+One path for every kernel set: hidden states -> the kept label positions -> linear cross-entropy against the
+LM head's weight. Plain: ``lm_head`` logits of the kept positions only, then cross-entropy. ``liger`` (a
+`Kernels` from stages/train/liger.py): the set's fused linear cross-entropy, which never materialises even
+those logits. The loss is computed inside the top model's forward (`install_loss_forward`): under FSDP2 the LM
+head's weight is unsharded only while the root module's forward runs. With sequence parallelism the row is
+padded to a multiple of the degree and this rank scores the labels of its own shard
+(stages/train/sequence_parallel.py).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MethodType
 
 import torch
 import torch.nn.functional as F
 
 from stages.train.attention import PackedSegments
 from stages.train.data import IGNORE, Row
+from stages.train.kernels import Kernels, LinearCrossEntropy
 from stages.train.sequence_parallel import SequenceParallel, pad_row
 
 
+def plain_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The logits of the given positions, then cross-entropy summed (in fp32)."""
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+
+
+@dataclass
+class RowLoss:
+    """What the loss forward scores: ``keep`` indexes this rank's hidden states, ``targets`` the labels there."""
+
+    keep: torch.Tensor
+    targets: torch.Tensor
+    linear_cross_entropy: LinearCrossEntropy
+
+    def __call__(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        kept = hidden[0, self.keep]
+        if not self.keep.numel():  # still through the graph: every rank runs the same backward collectives
+            return plain_linear_cross_entropy(kept, weight, self.targets)
+        return self.linear_cross_entropy(kept, weight, self.targets)
+
+
+def _forward(self, *args, row_loss: RowLoss | None = None, **kwargs):
+    """The model's own forward, or, given ``row_loss``, the base model's hidden states scored by it."""
+    if row_loss is None:
+        return type(self).forward(self, *args, **kwargs)
+    return row_loss(self.model(*args, **kwargs)[0], self.lm_head.weight)
+
+
+def install_loss_forward(model) -> None:
+    """Let ``model(..., row_loss=...)`` return the loss (idempotent; before or after FSDP wrapping: the forward
+    hooks FSDP2 registers run around it either way)."""
+    if getattr(model.forward, "__func__", None) is _forward:
+        return
+    if model.lm_head.bias is not None:
+        raise ValueError("the loss forward assumes an LM head without bias (every Qwen-VL family)")
+    model.forward = MethodType(_forward, model)
+
+
 def row_loss_sum(
-    model, row: Row, device: torch.device, sp: SequenceParallel | None = None, liger: bool = False, pad_id: int = 0
+    model,
+    row: Row,
+    device: torch.device,
+    sp: SequenceParallel | None = None,
+    liger: Kernels | bool | None = None,
+    pad_id: int = 0,
 ) -> torch.Tensor:
+    """The summed loss over this rank's label tokens of ``row``. ``liger``: the `Kernels` apply_liger returned
+    (its linear cross-entropy), or a false value for the plain one."""
+    if liger and not isinstance(liger, Kernels):
+        raise TypeError(f"liger must be the Kernels apply_liger returned, not {liger!r}")
+    install_loss_forward(model)
     if sp is not None:
         row = pad_row(row, sp.size, pad_id)
     start, end = sp.bounds(row.tokens) if sp is not None else (0, row.tokens)
     targets = row.targets[0, start:end]
     keep = (targets != IGNORE).nonzero().flatten()
-    kept_targets = targets[keep].to(device)
-    inputs = {
-        "input_ids": row.input_ids.to(device),
-        "position_ids": row.position_ids.to(device),
-        "use_cache": False,
-        "logits_to_keep": keep.to(device),
-        "packed_segments": PackedSegments.from_text_positions(row.position_ids[0, 0], device, sp),
-        **{k: v.to(device) for k, v in row.vision.items()},
-    }
-    if liger and keep.numel():
-        # Liger's forward: the loss is sum / num_items_in_batch, so 1 gives the sum; targets are already shifted.
-        return model(**inputs, shift_labels=kept_targets.view(1, -1), skip_logits=True, num_items_in_batch=1).loss
-    logits = model(**inputs).logits
-    return F.cross_entropy(logits[0].float(), kept_targets, reduction="sum")
+    loss = RowLoss(
+        keep.to(device),
+        targets[keep].to(device),
+        liger.linear_cross_entropy if liger else plain_linear_cross_entropy,
+    )
+    return model(
+        input_ids=row.input_ids.to(device, non_blocking=True),  # rows arrive pinned on CUDA (PrefetchLoader)
+        position_ids=row.position_ids.to(device, non_blocking=True),
+        use_cache=False,
+        packed_segments=PackedSegments.from_text_positions(row.position_ids[0, 0], device, sp),
+        row_loss=loss,
+        **{k: v.to(device, non_blocking=True) for k, v in row.vision.items()},
+    )

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -46,7 +48,7 @@ def train(params_path: str) -> None:
     fam = family(cfg.processor_config.processor_type)
     env = init_distributed()
     device, rank, world = env.device, env.rank, env.world
-    torch.manual_seed(args.seed + rank)
+    seed_everything(args.seed + rank)
 
     # Model on the meta device, sequence-parallel layout, kernels, freezing, sharding; then the weights
     requested = params.model_config_.attn_implementation
@@ -220,7 +222,14 @@ def step_counters(micro: list, counts: dict[str, int], text_config, device: torc
     label_tokens = sum(r.label_tokens for r in micro)
     flops = step_flops(counts, text_config, seqs, label_tokens, patches)
     values = [label_tokens, sum(r.tokens for r in micro), *flops]
-    return torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True)
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's generators: a rerun saves the same RNG state in its checkpoints."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def peak_memory_gb(device: torch.device) -> float | None:

@@ -3,6 +3,8 @@
 Probes (image size and decodability; video stream, duration, fps, frame count) are cached by content hash
 in a DuckDB file outside the stage's outputs, so reruns and repeated references cost a stat, not a decode.
 Thresholds that depend on params (aspect ratio, minimum side) are applied after the cache, never stored in it.
+Every path in a result (a resolved path, a reject's detail) is shown relative to the project root, so the
+output tables hash the same in every checkout directory; library messages have their paths rewritten too.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ MEDIA_CHECKS_SCHEMA = pa.schema(
     ]
 )
 DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]*)(?:;[\w=-]+)*?;base64,(?P<payload>.*)$", re.S)
+FILE_TOKEN = "<file>"  # stands for the probed file in a cached probe's detail (one content, many paths)
+PROBE_TABLE = "probe_v2"  # v2: details name the file by FILE_TOKEN; older caches are rebuilt
 EXT_BY_MIME = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "image/gif": ".gif"}
 
 
@@ -69,6 +73,14 @@ class MediaRules:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
 
 
+def _library_message(exc: Exception, path: str) -> str:
+    """A library's error message with the probed file's path (as given or resolved) replaced by FILE_TOKEN."""
+    text = str(exc)
+    for form in sorted({path, os.path.realpath(path), os.path.abspath(path)}, key=len, reverse=True):
+        text = text.replace(form, FILE_TOKEN)
+    return f"{FILE_TOKEN}: {type(exc).__name__}: {text}"
+
+
 def probe_image(path: str) -> Probe:
     from PIL import Image
 
@@ -77,7 +89,7 @@ def probe_image(path: str) -> Probe:
             img.load()  # a full decode: a truncated file fails here, not in the trainer
             return Probe(width=img.width, height=img.height)
     except Exception as exc:  # PIL raises many types for bad files
-        return Probe("unreadable_image", f"{Path(path).name}: {type(exc).__name__}: {exc}")
+        return Probe("unreadable_image", _library_message(exc, path))
 
 
 def probe_video(path: str) -> Probe:
@@ -86,7 +98,7 @@ def probe_video(path: str) -> Probe:
     try:
         with av.open(path) as container:
             if not container.streams.video:
-                return Probe("no_video_stream", f"{Path(path).name} has no video stream")
+                return Probe("no_video_stream", f"{FILE_TOKEN} has no video stream")
             stream = container.streams.video[0]
             duration = (
                 float(stream.duration * stream.time_base) if stream.duration else (container.duration or 0) / 1_000_000
@@ -94,10 +106,10 @@ def probe_video(path: str) -> Probe:
             fps = float(stream.average_rate) if stream.average_rate else None
             nframes = stream.frames or (round(duration * fps) if fps else 0)
             if duration <= 0 or nframes <= 0:
-                return Probe("zero_duration_video", f"{Path(path).name}: duration {duration:.3f} s, {nframes} frames")
+                return Probe("zero_duration_video", f"{FILE_TOKEN}: duration {duration:.3f} s, {nframes} frames")
             return Probe(width=stream.width, height=stream.height, duration=duration, fps=fps, nframes=nframes)
     except Exception as exc:  # PyAV raises per-codec error types
-        return Probe("unreadable_video", f"{Path(path).name}: {type(exc).__name__}: {exc}")
+        return Probe("unreadable_video", _library_message(exc, path))
 
 
 class ProbeCache:
@@ -113,7 +125,7 @@ class ProbeCache:
             try:
                 with duckdb.connect(str(path), read_only=True) as con:
                     self.hashes = {(p, s, m): h for p, s, m, h in con.execute("SELECT * FROM file_hash").fetchall()}
-                    for row in con.execute("SELECT * FROM probe").fetchall():
+                    for row in con.execute(f"SELECT * FROM {PROBE_TABLE}").fetchall():
                         self.probes[(row[0], row[1])] = Probe(*row[2:])
             except duckdb.Error:
                 self.hashes, self.probes = {}, {}  # an unreadable cache is only a slower run
@@ -151,7 +163,7 @@ class ProbeCache:
                 con.register("hashes", hashes)
                 con.register("probes", probes)
                 con.execute("CREATE TABLE file_hash AS SELECT * FROM hashes")
-                con.execute("CREATE TABLE probe AS SELECT * FROM probes")
+                con.execute(f"CREATE TABLE {PROBE_TABLE} AS SELECT * FROM probes")
             os.replace(tmp, self.path)
         finally:
             for leftover in (tmp, tmp + ".wal"):  # a failed write (a full disk) leaves no temp database behind
@@ -167,8 +179,9 @@ class MediaChecker:
         self.cache = cache
 
     def _display_path(self, real: str) -> str:
+        """``real`` relative to the project root when inside it (the same in every checkout), else as is."""
         root = os.path.realpath(self.rules.project_root)
-        return os.path.relpath(real, root) if real.startswith(root + os.sep) else real
+        return os.path.relpath(real, root) if real == root or real.startswith(root + os.sep) else real
 
     def _resolve(self, ref: str, data_folder: str) -> tuple[str | None, str | None, str | None]:
         """(real path, reason, detail) for a file, data: or http(s) reference."""
@@ -182,9 +195,10 @@ class MediaChecker:
         folder = os.path.realpath(data_folder)
         real = os.path.realpath(os.path.join(folder, ref_path))
         if not (real == folder or real.startswith(folder + os.sep)):
-            return None, "media_path_escape", f"{ref} resolves to {real}, outside {folder}"
+            shown, shown_folder = self._display_path(real), self._display_path(folder)
+            return None, "media_path_escape", f"{ref} resolves to {shown}, outside {shown_folder}"
         if not os.path.isfile(real):
-            return None, "media_file_missing", f"{ref} (looked for {real})"
+            return None, "media_file_missing", f"{ref} (looked for {self._display_path(real)})"
         return real, None, None
 
     def _store_data_url(self, ref: str) -> tuple[str | None, str | None, str | None]:
@@ -236,10 +250,11 @@ class MediaChecker:
         sha = self.cache.sha256(real)
         probe = self.cache.probe(kind, sha, real)
         reason, detail = self._limits(probe) if kind == "image" else (probe.error, probe.detail)
+        shown = self._display_path(real)
         return {
             "reason": reason,
-            "detail": detail,
-            "path": self._display_path(real),
+            "detail": detail.replace(FILE_TOKEN, shown) if detail else detail,
+            "path": shown,
             "sha256": sha,
             "width": probe.width,
             "height": probe.height,

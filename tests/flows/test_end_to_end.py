@@ -1,7 +1,6 @@
 """End to end with the real components: `dvc repro` in a git clone, then a real Prefect server, process work
 pool, worker and `prefect deployment run --watch` on the demo data, artifacts read back through the API."""
 
-import json
 import sys
 
 import pytest
@@ -31,7 +30,7 @@ def test_dvc_repro_end_to_end_then_nothing_then_only_what_changed(clone):
 
     rows = read_registry(clone / "registry/registry.duckdb")
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["hf_path"] == "output/demo/hf"
-    hashes = json.loads(rows[-1]["data_hashes"])
+    hashes = rows[-1]["data_hashes"]
     assert {"validate", "decode", "tokenize", "pack"} <= set(hashes) and hashes["pack"]["data/packed"]
     assert len(rows[-1]["git_commit"]) >= 40
     metrics = sh(sys.executable, "-m", "dvc", "metrics", "show", "--json", cwd=clone).stdout

@@ -4,7 +4,6 @@ a local DVC remote between them. Training must run in B on data that came throug
 checkpoint must come back to A through the remote, where register records it with its lineage."""
 
 import hashlib
-import json
 import sys
 
 import pytest
@@ -75,7 +74,7 @@ def test_training_dispatched_to_the_gpu_pool_travels_through_the_dvc_remote(tmp_
 
     rows = read_registry(a / "registry/registry.duckdb")
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["hf_path"] == "output/demo/hf"
-    hashes = json.loads(rows[-1]["data_hashes"])
+    hashes = rows[-1]["data_hashes"]
     lock = yaml.safe_load((a / "dvc.lock").read_text())["stages"]
     assert hashes["pack"]["data/packed"] == next(o["md5"] for o in lock["pack"]["outs"] if o["path"] == "data/packed")
     assert not (b / "registry").exists()

@@ -15,7 +15,6 @@ from stages.train import preflight
 from stages.train.attention import ATTENTION_NAME
 from stages.train.data import RowBuilder, rank_micro_batches
 from stages.train.forward import row_loss_sum
-from stages.train.liger import apply_liger
 from stages.train.model import freeze, trainable_summary
 from stages.train.optim import build_optimizer
 from tests.conftest import pipeline_params
@@ -205,13 +204,6 @@ def test_preflight_errors(packed_project, tmp_path):
     sp.model_config_.attn_implementation = "eager"
     with pytest.raises(ConfigError, match="'eager' cannot run Ulysses sequence parallelism"):
         preflight(sp, root, 2)
-
-
-def test_liger_is_ignored_on_cpu_with_a_reason(packed_project):
-    _, fam, _, model, _ = load(packed_project)
-    forward = model.forward
-    assert apply_liger(model, fam, torch.device("cpu")) == (False, "ignored on CPU (Liger kernels need a GPU)")
-    assert model.forward == forward
 
 
 @pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
