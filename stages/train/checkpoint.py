@@ -57,6 +57,8 @@ def run_fingerprint(params, root: Path) -> str:
             "nnodes",
             "dataloader_num_workers",
             "sp_ulysses_degree",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
         }
     )
     digest = hashlib.sha256(json.dumps([args, params.model_config_.model_dump()], sort_keys=True).encode())
