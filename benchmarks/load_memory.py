@@ -113,21 +113,9 @@ def worker(mode: str, model_dir: str, out: str) -> None:
 
 
 def launch(mode: str, model_dir: Path, out: Path, nproc: int) -> list[dict]:
-    from stages.train import free_port
+    from stages.train import local_torchrun
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        __file__,
-        "--worker",
-        mode,
-        str(model_dir),
-        str(out),
-    ]
+    cmd = local_torchrun(nproc, __file__, "--worker", mode, str(model_dir), str(out))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,19 @@ MODEL_FIXTURES = {"tiny_models", "packed_project"}  # a test that uses one of th
 # Files owned elsewhere that cannot carry a module mark: their tier by path.
 SLOW_FILES = {"tests/test_benchmarks.py", "tests/stages/test_liger_distributed.py"}  # they start torchrun/scripts
 GPU_FILES = {"tests/stages/test_train_gpu.py"}
+
+
+def run_torchrun(
+    script: str, *args, nproc: int = 2, cwd: Path | None = None, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """tests/stages/<script> on ``nproc`` real local torchrun ranks (gloo on CPU); fails the test if it fails."""
+    from stages.train import local_torchrun
+
+    cmd = local_torchrun(nproc, str(REPO / "tests/stages" / script), *map(str, args))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def tier_of(item: pytest.Item) -> str:

@@ -117,6 +117,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def local_torchrun(nproc: int, *program: str) -> list[str]:
+    """torchrun on this machine alone (``nproc`` ranks, a free loopback port) running ``program``."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *program,
+    ]
+
+
 def torchrun_command(params: Params, params_path: str, nproc: int) -> list[str]:
     args = params.trainer_args
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={args.nnodes}"]

@@ -2,14 +2,10 @@
 while FSDP2 has the LM head's weight unsharded, and it and the gradients equal one process without FSDP."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from stages.train import free_port
-from tests.conftest import REPO
+from tests.conftest import run_torchrun
 from tests.stages.test_train_distributed import history, launch, write_params
 
 
@@ -19,20 +15,7 @@ def test_fsdp2_and_sp_with_stand_ins_give_the_loss_and_gradients_of_one_process(
     root, family_name, model_dir = packed_project
     params = write_params(root, "liger-fsdp", model_dir, family_name)
     out = root / "liger-fsdp.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        str(REPO / "tests/stages/liger_fsdp_worker.py"),
-        str(params),
-        str(out),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun("liger_fsdp_worker.py", params, out, cwd=root, timeout=900)
     result = json.loads(out.read_text())
     print(json.dumps(result, indent=1))
     assert set(result) == {"plain", "liger", "liger+sp"}

@@ -2,37 +2,20 @@
 (SP combined with data parallelism in training: tests/stages/test_train_distributed.py.)"""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from transformers import AutoConfig
 
 from schemas.errors import ConfigError
-from stages.train import free_port
 from stages.train.sequence_parallel import check_degree
-from tests.conftest import REPO
+from tests.conftest import run_torchrun
 from tests.stages.test_train_distributed import write_params
 
 
 def sp_equivalence(root, model_dir, family_name, nproc) -> dict:
     params = write_params(root, f"sp{nproc}", model_dir, family_name)
     out = root / f"sp{nproc}.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        str(REPO / "tests/stages/sp_equivalence_worker.py"),
-        str(params),
-        str(out),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun("sp_equivalence_worker.py", params, out, nproc=nproc, cwd=root)
     return json.loads(out.read_text())
 
 

@@ -3,15 +3,11 @@ tensors), and reduces gradients once per optimizer step, not once per micro-batc
 
 import ast
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from stages.train import free_port
-from tests.conftest import REPO
+from tests.conftest import REPO, run_torchrun
 from tests.stages.test_train_distributed import write_params
 
 pytestmark = pytest.mark.slow
@@ -45,20 +41,9 @@ def test_collectives_get_training_device_tensors_and_one_gradient_sync_per_step(
         root, "collectives", model_dir, family_name, max_steps=steps, gradient_accumulation_steps=accumulation
     )
     record = root / "collectives"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        str(REPO / "tests/stages/collective_recorder.py"),
-        "--params",
-        str(params),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "QVL_COLLECTIVES": str(record), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun(
+        "collective_recorder.py", "--params", params, nproc=nproc, cwd=root, env={"QVL_COLLECTIVES": str(record)}
+    )
     config = json.loads((model_dir / "config.json").read_text())
     # Reduce-scatters in one micro-batch's backward: one per decoder layer, one per vision block per call of the
     # vision tower (every row calls it twice, for images and for videos: stages/train/data.py), one for the root.

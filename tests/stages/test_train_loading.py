@@ -3,34 +3,18 @@ model equals a plain ``from_pretrained`` one, one gradient sync per step equals 
 multi-tensor AdamW equals the per-parameter loop."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from stages.train import free_port
-from tests.conftest import REPO
+from tests.conftest import REPO, run_torchrun
 
 pytestmark = pytest.mark.slow
 
 
 def run_worker(family_name: str, model_dir, out) -> list[dict]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        str(REPO / "tests/stages/loading_worker.py"),
-        family_name,
-        str(model_dir),
-        str(out),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun("loading_worker.py", family_name, model_dir, out)
     return [json.loads(out.with_name(f"{out.name}.rank{r}.json").read_text()) for r in (0, 1)]
 
 
