@@ -369,7 +369,8 @@ def test_register_and_registry_cli_on_the_trained_run(packed_project, reference)
     shown = qvl("registry", "show", "ws2@4")
     assert shown.returncode == 0, shown.stderr[-2000:]
     row = json.loads(shown.stdout)
-    assert row["hf_path"] == "output/ws2/hf" and json.loads(row["metrics"])["final_loss"] == reference[-1]["loss"]
+    assert row["hf_path"] == "output/ws2/hf" and row["metrics"]["final_loss"] == reference[-1]["loss"]
+    assert isinstance(row["data_hashes"], dict)
     assert row["run"] == "ws2" and row["step"] == 4 and len(row["params_hash"]) == 16
     missing = qvl("registry", "show", "nope")
     assert missing.returncode == 2 and "no checkpoint 'nope'" in missing.stderr
