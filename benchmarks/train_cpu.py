@@ -73,8 +73,6 @@ def main() -> None:
     ap.add_argument("--packing-length", type=int, default=1024)
     ap.add_argument("--configs", default="full_path,full_path_no_liger,baseline")
     ap.add_argument("--out", default="benchmarks/train_cpu.json")
-    ap.add_argument("--config", help=argparse.SUPPRESS)
-    ap.add_argument("--workspace", help=argparse.SUPPRESS)
     train_runner.add_measure_args(ap)
     args = ap.parse_args()
     if args.config:

@@ -62,8 +62,6 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny model and rows on any device (checks the script)")
     ap.add_argument("--out", default="benchmarks/train_gpu.json")
     ap.add_argument("--child-timeout-s", type=float, default=420)
-    ap.add_argument("--config", help=argparse.SUPPRESS)  # child mode: measure this configuration only
-    ap.add_argument("--workspace", help=argparse.SUPPRESS)
     train_runner.add_measure_args(ap)
     args = ap.parse_args()
     if args.config:

@@ -22,7 +22,7 @@ from stages.train.telemetry import peak_flops
 
 
 def add_measure_args(ap: argparse.ArgumentParser) -> None:
-    """Options every child receives from its parent (``forward_args``)."""
+    """Options every child receives from its parent (``forward_args``), and the child-mode flags."""
     ap.add_argument("--steps", type=int, default=4, help="measured steps per configuration (after --warmup)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--budget", type=int, default=0, help="baseline: padded tokens per micro-batch (0: packing length)")
@@ -31,6 +31,8 @@ def add_measure_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--bisections", type=int, default=3)
     ap.add_argument("--mem-cap-tokens", type=int, default=0, help="raise torch.OutOfMemoryError above this many tokens")
     ap.add_argument("--child-deadline-s", type=float, default=0, help="stop the row search after this (0: never)")
+    ap.add_argument("--config", help=argparse.SUPPRESS)  # child mode: measure this configuration only
+    ap.add_argument("--workspace", help=argparse.SUPPRESS)
 
 
 def forward_args(args: argparse.Namespace) -> list[str]:

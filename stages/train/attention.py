@@ -15,12 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from stages.train import vision_attention
 from stages.train.sequence_parallel import SequenceParallel, heads_to_sequence, sequence_to_heads
-from stages.train.varlen import cuda_varlen
+from stages.train.varlen import cuda_varlen, sdpa_per_segment
 
 ATTENTION_NAME = "qvl_packed"
 
@@ -30,6 +29,7 @@ class PackedSegments:
     """Where each packed sample starts in the (whole, unsharded) row; the same on every rank of an SP group."""
 
     cu_seqlens: torch.Tensor  # int32, (samples + 1,), on the model's device
+    bounds: list[int]  # the same as Python ints, read once per row on the host (no device sync per layer)
     max_len: int
     sp: SequenceParallel | None = None
 
@@ -40,7 +40,7 @@ class PackedSegments:
         """``text_positions`` (L,) restart at 0 for each packed sample (stages/train/data.py)."""
         starts = (text_positions == 0).nonzero().flatten()
         cu = torch.cat([starts, torch.tensor([text_positions.numel()])])
-        return cls(cu.to(device=device, dtype=torch.int32), int((cu[1:] - cu[:-1]).max()), sp)
+        return cls(cu.to(device=device, dtype=torch.int32), cu.tolist(), int((cu[1:] - cu[:-1]).max()), sp)
 
 
 def implementation_map(text_attention: str) -> str | dict[str, str]:
@@ -64,14 +64,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: PackedSegmen
     if q.is_cuda:
         q3, k3, v3 = (t[0].transpose(0, 1) for t in (q, k, v))  # (L, heads, D)
         return cuda_varlen()[1](q3, k3, v3, seg.cu_seqlens, seg.max_len, scale, True).unsqueeze(0)
-    bounds = seg.cu_seqlens.tolist()
-    parts = [
-        F.scaled_dot_product_attention(
-            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, scale=scale, enable_gqa=True
-        )
-        for a, b in zip(bounds, bounds[1:], strict=False)
-    ]
-    return torch.cat(parts, dim=2).transpose(1, 2)
+    return sdpa_per_segment(q, k, v, seg.bounds, scale, causal=True)
 
 
 def packed_attention(

@@ -268,7 +268,9 @@ def export_hf(model, model_class: type, base_path: str | Path, processor, out_di
         shutil.rmtree(tmp, ignore_errors=True)
         with torch.device("meta"):
             fresh = model_class._from_config(model.config, dtype=dtype)
-        fresh.load_state_dict({k: v.to(dtype) for k, v in full.items()}, assign=True)
+        for name in full:  # one tensor at a time: the fp32 copy is freed as its converted one appears
+            full[name] = full[name].to(dtype)
+        fresh.load_state_dict(full, assign=True)
         if model.config.get_text_config().tie_word_embeddings:
             fresh.tie_weights()
         fresh.save_pretrained(tmp)

@@ -1,4 +1,5 @@
-"""The CUDA variable-length attention kernel the text and vision towers share, chosen once per process."""
+"""Attention inside segments, shared by the text and vision towers: the CUDA variable-length kernel (chosen once
+per process) and its exact stand-in elsewhere, one SDPA call per segment."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import importlib.util
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 VarlenFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float, bool], torch.Tensor]
 
@@ -30,3 +32,17 @@ def cuda_varlen() -> tuple[str, VarlenFn]:
         return varlen_attn(q, k, v, cu, cu, n, n, scale=scale, window_size=window, enable_gqa=True)
 
     return "torch varlen_attn", torch_varlen
+
+
+def sdpa_per_segment(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int], scale: float, causal: bool
+) -> torch.Tensor:
+    """q (1, heads, tokens, dim), k/v (1, kv heads, tokens, dim), segments [bounds[i], bounds[i+1]) ->
+    (1, tokens, heads, dim)."""
+    parts = [
+        F.scaled_dot_product_attention(
+            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=causal, scale=scale, enable_gqa=True
+        )
+        for a, b in zip(bounds, bounds[1:], strict=False)
+    ]
+    return torch.cat(parts, dim=2).transpose(1, 2)

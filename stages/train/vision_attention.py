@@ -11,12 +11,11 @@ launch per window in every block. This function takes the cu_seqlens path: a var
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import transformers.modeling_flash_attention_utils as flash_utils
 from torch.utils.weak import WeakTensorKeyDictionary
 from transformers import AttentionInterface
 
-from stages.train.varlen import cuda_varlen
+from stages.train.varlen import cuda_varlen, sdpa_per_segment
 
 VISION_ATTENTION_NAME = "qvl_flash_varlen_vision"  # "flash" routes cu_seqlens here (see the module docstring)
 
@@ -50,12 +49,7 @@ def varlen_vision_attention(
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
         return cuda_varlen()[1](q, k, v, cu_seq_lens_q, max_length_q, scale, False).unsqueeze(0), None
-    bounds = segment_bounds(cu_seq_lens_q)
-    parts = [
-        F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scale=scale)
-        for a, b in zip(bounds, bounds[1:], strict=False)
-    ]
-    return torch.cat(parts, dim=2).transpose(1, 2), None
+    return sdpa_per_segment(query, key, value, segment_bounds(cu_seq_lens_q), scale, causal=False), None
 
 
 def register() -> str:

@@ -49,7 +49,7 @@ SEPARATOR = 151643  # <|endoftext|>
 def _crossing_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The broken variant: ``qvl_packed`` told the whole row is one sample, so samples attend to each other."""
     length = query.shape[2]
-    whole = PackedSegments(torch.tensor([0, length], dtype=torch.int32, device=query.device), length)
+    whole = PackedSegments.from_text_positions(torch.arange(length), query.device)  # positions never restart
     kwargs["packed_segments"] = whole
     return packed_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
