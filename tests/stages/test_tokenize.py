@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from transformers import AutoProcessor
+from transformers import AutoConfig, AutoProcessor
 
 from schemas.errors import PipelineError, StageInputError
 from stages.decode.shards import FrameStore
@@ -108,3 +108,59 @@ def test_missing_processor_is_a_clear_error(project):
     params = pipeline_params(project / "no-model", "qwen2_5_vl")
     with pytest.raises(StageInputError, match="processor directory not found"):
         tokenize(params, project)
+
+
+def test_image_pixel_bounds_reach_tokens_rows_and_packs(tokenized_project, tmp_path):
+    """``image_min_pixels``/``image_max_pixels`` give what the processor gives when loaded the way Qwen's README
+    sets them (``from_pretrained(min_pixels=..., max_pixels=...)``): the same ids and grids in tokenize, the
+    same pixels in the trainer's rows, and packs of the new lengths."""
+    import shutil
+
+    import torch
+
+    from stages.families import family
+    from stages.pack import run as pack
+    from stages.train.data import RowBuilder
+
+    root, params, _, _ = tokenized_project
+    model_dir = params.dataset_config.processor_config.processor_name
+    default_grids = {
+        r["sample_id"]: r["image_grid_thw"] for r in pq.read_table(root / "data/tokenized/samples.parquet").to_pylist()
+    }
+    small = params.model_copy(deep=True)
+    side = 28  # patch 14 x merge 2: one merged token
+    small.dataset_config.image_min_pixels, small.dataset_config.image_max_pixels = 2 * side * side, 6 * side * side
+    copy = tmp_path / "project"
+    for part in ("data/demo", "data/validated", "data/frames", "data/media"):
+        if (root / part).exists():
+            shutil.copytree(root / part, copy / part)
+    tokenize(small, copy)
+    pack(small, copy)
+    reference = AutoProcessor.from_pretrained(model_dir, min_pixels=2 * side * side, max_pixels=6 * side * side)
+    messages = {
+        s["sample_id"]: s["messages"] for s in pq.read_table(copy / "data/validated/samples.parquet").to_pylist()
+    }
+    rows = [r for r in pq.read_table(copy / "data/tokenized/samples.parquet").to_pylist() if r["image_paths"]]
+    assert any(r["image_grid_thw"] != default_grids[r["sample_id"]] for r in rows)  # the bounds changed something
+    fam = family(small.dataset_config.processor_config.processor_type)
+    config = AutoConfig.from_pretrained(model_dir)
+    builder = RowBuilder(
+        copy,
+        reference,
+        VisionArgs.for_processor(reference, small.dataset_config),
+        fam.transformers_class(fam.model_class),
+        config,
+    )
+    for row in rows:
+        text = reference.apply_chat_template(json.loads(messages[row["sample_id"]]), tokenize=False)
+        images = [Image.open(copy / p).convert("RGB") for p in row["image_paths"]]
+        out = reference(text=[text], images=images, return_tensors="pt")
+        assert out["input_ids"][0].tolist() == row["input_ids"]
+        assert out["image_grid_thw"].tolist() == row["image_grid_thw"]
+        assert all(2 <= h * w // 4 <= 6 for _, h, w in row["image_grid_thw"])
+        if not row["video_keys"]:
+            assert torch.equal(builder.build_samples([row["sample_id"]]).vision["pixel_values"], out["pixel_values"])
+    packs = pq.read_table(copy / "data/packed/packs.parquet").to_pylist()
+    lengths = {r["sample_id"]: r["length"] for r in pq.read_table(copy / "data/tokenized/samples.parquet").to_pylist()}
+    assert sorted(s for p in packs for s in p["sample_ids"]) == sorted(lengths)
+    assert all(p["lengths"] == [lengths[s] for s in p["sample_ids"]] and p["total"] <= 1024 for p in packs)
