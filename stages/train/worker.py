@@ -135,7 +135,10 @@ def train(params_path: str) -> None:
                 args.gradient_accumulation_steps,
             )
         ]
-        rows = iter(PrefetchLoader(builder, plan, args.dataloader_num_workers, pin=device.type == "cuda"))
+        # The DataLoader draws its workers' base seed from the global RNG when iterated: forked, so a resumed run
+        # saves the same RNG state in its checkpoints as an uninterrupted one.
+        with torch.random.fork_rng(devices=[]):
+            rows = iter(PrefetchLoader(builder, plan, args.dataloader_num_workers, pin=device.type == "cuda"))
         for s in range(steps_left):
             if step >= total_steps:
                 break
