@@ -1,4 +1,5 @@
-"""`qvl registry show` prints plain JSON: metrics and data_hashes are objects, not JSON strings inside JSON."""
+"""`qvl registry show` prints plain JSON: metrics and data_hashes are objects, not JSON strings inside JSON; the
+speed figures (metrics/train_speed.json) sit nested under metrics.speed."""
 
 import json
 import os
@@ -21,6 +22,8 @@ def test_registry_show_prints_nested_objects(tmp_path):
     (ckpt / STATE_FILE).write_text(json.dumps({"step": 2, "history": [{"loss": 1.5, "packs": 4}]}))
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics/train.json").write_text(json.dumps({"final_loss": 1.5, "steps": 2}))
+    speed = {"tokens_per_s": 12.5, "steps_timed": 2, "mfu": None}
+    (tmp_path / "metrics/train_speed.json").write_text(json.dumps(speed))
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(LOCK))
     (tmp_path / "params.yaml").write_text("{}\n")
     (row,) = register(parse_params({}), tmp_path)
@@ -33,7 +36,7 @@ def test_registry_show_prints_nested_objects(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     shown = json.loads(proc.stdout)
-    assert shown["metrics"] == {"loss": 1.5, "final_loss": 1.5, "steps": 2}
+    assert shown["metrics"] == {"loss": 1.5, "final_loss": 1.5, "steps": 2, "speed": speed}
     assert shown["data_hashes"] == {"pack": {"data/packed": "abc.dir"}}
     listed = subprocess.run(
         [sys.executable, "-m", "stages.cli", "registry", "list"],

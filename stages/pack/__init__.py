@@ -2,11 +2,13 @@
 
 Recipe: read sample lengths -> pack them (algorithms.pack_lengths; or one sample per pack when packing is off)
 -> shuffle the pack order with the seed, so neighbouring packs are not all long or all short -> write
-data/packed/packs.parquet and metrics/pack.json atomically.
+data/packed/packs.parquet and metrics/pack.json atomically (a full or read-only disk is one clear error and leaves
+the previous output as it was).
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +17,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.errors import StageInputError
+from schemas.errors import PipelineError, StageInputError
 from schemas.params import Params
 from schemas.tables import PACKS_SCHEMA
-from stages.io import atomic_dir, write_json
+from stages.io import atomic_dir, is_disk_full, write_json
 from stages.pack.algorithms import assign_packs, pack_lengths
 
 __all__ = ["pack_lengths", "run", "PackResult"]
@@ -41,6 +43,29 @@ class PackResult:
 
     def metrics(self) -> dict:
         return {k: v for k, v in vars(self).items() if k != "seconds"}
+
+
+def write_packs(table: pa.Table, out_dir: Path) -> None:
+    """``out_dir``/packs.parquet, encoded in memory first (so its exact size is known), then written into a temp
+    directory that replaces ``out_dir`` only once complete. A full disk raises PipelineError naming the file and the
+    bytes it needs (a read-only one: atomic_dir's no-permission error); either way the temp directory is removed and
+    the previous output is left as it was."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    data = sink.getvalue()
+    target = out_dir / "packs.parquet"
+    with atomic_dir(out_dir) as tmp:
+        try:
+            with open(tmp / target.name, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            free = shutil.disk_usage(tmp).free
+            raise PipelineError(
+                f"disk full while writing {target}: it needs {data.size:,} bytes, {free:,} bytes are free on its "
+                f"filesystem; {out_dir} was left as it was (free some space, then rerun `qvl pack`)"
+            ) from None
 
 
 def run(params: Params, root: Path = Path(".")) -> PackResult:
@@ -72,8 +97,7 @@ def run(params: Params, root: Path = Path(".")) -> PackResult:
         },
         schema=PACKS_SCHEMA,
     )
-    with atomic_dir(root / OUT_DIR) as tmp:
-        pq.write_table(table, tmp / "packs.parquet", compression="zstd")
+    write_packs(table, root / OUT_DIR)
     tokens = int(lengths.sum())
     efficiency = tokens / (len(groups) * cfg.packing_length) if groups else 0.0
     result = PackResult(

@@ -1,7 +1,9 @@
 """The register stage: record each checkpoint of a run with its lineage in a DuckDB registry.
 
 One row per checkpoint: id (run + step + content hash), run, step, path, metrics, the params hash, the data
-hashes of every stage in dvc.lock, the git commit and the time. Registering the same checkpoint again is a
+hashes of every stage in dvc.lock, the git commit and the time. The newest checkpoint's metrics hold
+metrics/train.json and, under ``speed``, the last training process's metrics/train_speed.json (not a dependency of
+the stage: its wall-clock figures differ on every run). Registering the same checkpoint again is a
 no-op; concurrent registrations wait for the database lock and both land.
 """
 
@@ -68,6 +70,10 @@ def _connect(path: Path, attempts: int = 200) -> duckdb.DuckDBPyConnection:
     raise AssertionError("unreachable")
 
 
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def register(params: Params, root: Path = Path(".")) -> list[dict]:
     """Register every complete checkpoint of the configured run; returns the rows (new and existing)."""
     args = params.trainer_args
@@ -75,8 +81,9 @@ def register(params: Params, root: Path = Path(".")) -> list[dict]:
     checkpoints = complete_checkpoints(run_dir)
     if not checkpoints:
         raise StageInputError(f"no complete checkpoint in {run_dir}: run `qvl train` first")
-    metrics_file = root / "metrics/train.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    metrics = _read_json(root / "metrics/train.json")
+    if speed := _read_json(root / "metrics/train_speed.json"):
+        metrics["speed"] = speed
     lineage = {"params_hash": params_hash(params), "data_hashes": data_hashes(root), "git_commit": _git_commit(root)}
     rows = []
     for ckpt in checkpoints:

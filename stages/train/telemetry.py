@@ -7,6 +7,8 @@ FLOPs of one training step (forward + backward = 3 x forward), the convention be
   vision tower:   6 x N_vision x vision patches           (separately; attention inside the tower left out)
 MFU = FLOPs / (seconds x world x peak), peak = the GPU's dense bf16 TFLOP/s recognised from its name (None
 where unknown, and on CPU). Throughput and MFU leave out each process's first (warm-up) step when it ran more.
+Wall times are kept by the running process only, never in a checkpoint or a stage output: two runs of the same
+inputs write the same bytes, and a resumed run's speed figures cover the steps it ran itself.
 """
 
 from __future__ import annotations
@@ -78,34 +80,53 @@ def peak_for_name(name: str) -> float | None:
     return next((v for k, v in PEAK_BF16 if k in name), None)
 
 
-def summarize(history: list[dict], peak: float | None, world: int, peak_mem_gb: float | None) -> dict:
-    """metrics/train.json: the last loss, and throughput / MFU over the steady-state steps."""
-    steady = [h for h in history if not h.get("warmup")] or history
-    seconds = sum(h["seconds"] for h in steady) or 1e-9
-    lm = sum(h["lm_flops"] for h in steady)
-    vis = sum(h["vision_flops"] for h in steady)
-    warmup = [h["seconds"] for h in history if h.get("warmup")]
+def summarize(history: list[dict]) -> dict:
+    """metrics/train.json: what the inputs alone decide (the last loss, steps, token counts), so the train stage's
+    outputs are the same bytes on every machine; speed and hardware figures go to metrics/train_speed.json."""
     return {
         "final_loss": history[-1]["loss"],
         "steps": history[-1]["step"],
-        "tokens_per_s": sum(h["tokens"] for h in steady) / seconds,
-        "label_tokens_per_s": sum(h["label_tokens"] for h in steady) / seconds,
-        "first_step_s": warmup[-1] if warmup else None,
-        "mfu": lm / (seconds * peak * world) if peak else None,
-        "mfu_with_vision": (lm + vis) / (seconds * peak * world) if peak else None,
-        "mfu_convention": MFU_CONVENTION,
-        "peak_tflops": peak / 1e12 if peak else None,
-        "peak_mem_gb": peak_mem_gb,
+        "tokens": sum(h["tokens"] for h in history),
+        "label_tokens": sum(h["label_tokens"] for h in history),
     }
 
 
-def write_outputs(root: Path, history: list[dict], summary: dict) -> None:
-    """metrics/train.json and plots/train_loss.csv, each written to a temp file and renamed."""
+def speed(
+    history: list[dict], seconds: dict[int, float], peak: float | None, world: int, peak_mem_gb: float | None
+) -> dict:
+    """metrics/train_speed.json: throughput and MFU over the steps this process ran (``seconds``: step -> wall
+    time; after a resume, only the steps since), its first (warm-up) step left out when it ran more than one."""
+    timed = [h for h in history if h["step"] in seconds]
+    steady = timed[1:] or timed
+    wall = sum(seconds[h["step"]] for h in steady)
+    lm = sum(h["lm_flops"] for h in steady)
+    vis = sum(h["vision_flops"] for h in steady)
+    measured = wall > 0
+    return {
+        "steps_timed": len(timed),
+        "first_timed_step": timed[0]["step"] if timed else None,
+        "tokens_per_s": sum(h["tokens"] for h in steady) / wall if measured else None,
+        "label_tokens_per_s": sum(h["label_tokens"] for h in steady) / wall if measured else None,
+        "first_step_s": seconds[timed[0]["step"]] if timed else None,
+        "mfu": lm / (wall * peak * world) if measured and peak else None,
+        "mfu_with_vision": (lm + vis) / (wall * peak * world) if measured and peak else None,
+        "mfu_convention": MFU_CONVENTION,
+        "peak_tflops": peak / 1e12 if peak else None,
+        "peak_mem_gb": peak_mem_gb,
+        "world_size": world,
+    }
+
+
+def write_outputs(root: Path, history: list[dict], summary: dict, speed_figures: dict) -> None:
+    """metrics/train.json, plots/train_loss.csv and metrics/train_speed.json, each written to a temp file and
+    renamed. The first two are train-stage outputs (hashed into dvc.lock); the speed file is a top-level DVC metric,
+    shown by `dvc metrics show` but never hashed."""
     for path in (root / "metrics", root / "plots"):
         path.mkdir(parents=True, exist_ok=True)
-    tmp = root / "metrics" / ".train.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, root / "metrics" / "train.json")
+    for name, data in (("train.json", summary), ("train_speed.json", speed_figures)):
+        tmp = root / "metrics" / f".{name}.tmp"
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, root / "metrics" / name)
     tmp = root / "plots" / ".train_loss.csv.tmp"
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "tokens", "label_tokens"])

@@ -33,7 +33,7 @@ from stages.train.model import build_model, choose_attention, freeze, trainable_
 from stages.train.optim import build_optimizer, build_scheduler
 from stages.train.reporters import Reporters
 from stages.train.sequence_parallel import build_layout, check_degree, shard_text_model_inputs
-from stages.train.telemetry import parameter_counts, peak_flops, step_flops, summarize, write_outputs
+from stages.train.telemetry import parameter_counts, peak_flops, speed, step_flops, summarize, write_outputs
 
 
 def log(message: str) -> None:
@@ -118,7 +118,7 @@ def train(params_path: str) -> None:
     peak = peak_flops(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # peak_mem_gb is training's, not loading's
-    warmup = True  # this process's first step (allocator, kernels, compilation) is reported apart
+    seconds: dict[int, float] = {}  # step -> wall time, of the steps this process ran (never saved: not an input)
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0 or None)
     while step < total_steps:
         remaining = epoch_order(pack_ids, state.epoch, cfg.seed)[state.packs_done :]
@@ -135,7 +135,10 @@ def train(params_path: str) -> None:
                 args.gradient_accumulation_steps,
             )
         ]
-        rows = iter(PrefetchLoader(builder, plan, args.dataloader_num_workers, pin=device.type == "cuda"))
+        # The DataLoader draws its workers' base seed from the global RNG when iterated: forked, so a resumed run
+        # saves the same RNG state in its checkpoints as an uninterrupted one.
+        with torch.random.fork_rng(devices=[]):
+            rows = iter(PrefetchLoader(builder, plan, args.dataloader_num_workers, pin=device.type == "cuda"))
         for s in range(steps_left):
             if step >= total_steps:
                 break
@@ -169,7 +172,7 @@ def train(params_path: str) -> None:
             step += 1
             batch = remaining[s * global_batch : (s + 1) * global_batch]  # every rank's packs of this step
             state.packs_done += len(batch)
-            seconds = time.perf_counter() - started
+            seconds[step] = time.perf_counter() - started
             history.append(
                 {
                     "step": step,
@@ -179,34 +182,33 @@ def train(params_path: str) -> None:
                     "label_tokens": int(label_count),
                     "epoch": state.epoch,
                     "packs": sorted(batch),
-                    "seconds": seconds,
-                    "warmup": warmup,
                     "lm_flops": lm_flops,
                     "vision_flops": vis_flops,
                 }
             )
-            warmup = False
             reporters.log(
                 {
                     "train/loss": loss,
                     "train/lr": lr,
-                    "train/tokens_per_s": tokens / seconds,
+                    "train/tokens_per_s": tokens / seconds[step],
                     "train/label_tokens": label_count,
                 },
                 step,
             )
             progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
-            log(f"step {step}/{total_steps} loss {loss:.6f} lr {lr:.3e} tokens/s {tokens / seconds:.0f}")
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds[step]:.0f}")
+            log(f"step {step}/{total_steps} loss {loss:.6f} lr {lr:.3e} tokens/s {tokens / seconds[step]:.0f}")
             if step % args.save_steps == 0 or step == total_steps:
                 trainer_state = {"loader": vars(state), "history": history, "fingerprint": fingerprint}
                 checkpoint.save(run_dir, step, model, optimizer, scheduler, trainer_state, args.save_total_limit)
                 if rank == 0:
-                    write_outputs(root, history, summarize(history, peak, world, peak_memory_gb(device)))
+                    write_outputs(
+                        root, history, summarize(history), speed(history, seconds, peak, world, peak_memory_gb(device))
+                    )
         if state.packs_done >= len(pack_ids):
             state = LoaderState(state.epoch + 1, 0)
     if rank == 0 and history:  # also when a resumed run was already complete: DVC removed the old metrics
-        write_outputs(root, history, summarize(history, peak, world, peak_memory_gb(device)))
+        write_outputs(root, history, summarize(history), speed(history, seconds, peak, world, peak_memory_gb(device)))
     progress.close()
     reporters.close()
     base = params.model_config_.load_from_pretrained_path

@@ -1,6 +1,8 @@
 """Packing: properties over random inputs, equality with plain reference implementations, and the stage."""
 
 import json
+import re
+import subprocess
 
 import numpy as np
 import pyarrow as pa
@@ -9,10 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from schemas.errors import PipelineError
 from schemas.params import parse_params
 from stages.pack import pack_lengths
 from stages.pack import run as pack
 from stages.pack.algorithms import STRATEGIES
+from tests.conftest import fill_disk
 
 lengths_and_capacity = st.integers(1, 300).flatmap(
     lambda cap: st.tuples(st.lists(st.integers(1, cap), max_size=200), st.just(cap))
@@ -155,3 +159,26 @@ def test_stage_with_only_an_overlong_sample_drops_it(tmp_path, packing):
     result = pack(parse_params({"dataset_config": {"packing": packing, "packing_length": 1024}}), tmp_path)
     assert result.dropped_overlong == 1 and result.samples == 0 and result.packs == 0
     assert pq.read_table(tmp_path / "data/packed/packs.parquet").num_rows == 0
+
+
+def test_full_disk_is_one_clear_error_and_the_previous_output_survives(small_fs):
+    """A real full filesystem (8 MiB tmpfs) during the Parquet write: one PipelineError naming the file and the
+    bytes it needs; the previous packs.parquet is untouched and no temp directory is left."""
+    write_tokenized(small_fs, np.random.default_rng(2).integers(1, 900, 3000).tolist())
+    pack(parse_params({"dataset_config": {"packing_length": 1024}}), small_fs)
+    before = (small_fs / "data/packed/packs.parquet").read_bytes()
+    fill_disk(small_fs)
+    with pytest.raises(PipelineError, match=r"disk full while writing .*data/packed/packs.parquet: it needs") as err:
+        pack(parse_params({"dataset_config": {"packing_length": 2048}}), small_fs)  # other packs than before
+    needed, free = (int(n.replace(",", "")) for n in re.findall(r"([\d,]+) bytes", str(err.value)))
+    assert needed > len(before) / 2 and free < needed
+    assert (small_fs / "data/packed/packs.parquet").read_bytes() == before
+    assert sorted(p.name for p in (small_fs / "data").iterdir()) == ["packed", "tokenized"]
+
+
+def test_read_only_disk_is_one_clear_error(small_fs):
+    write_tokenized(small_fs, [100, 200, 300])
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    with pytest.raises(PipelineError, match=r"no permission to write .*data/packed \(Read-only file system\)"):
+        pack(parse_params({"dataset_config": {"packing_length": 1024}}), small_fs)
+    assert sorted(p.name for p in (small_fs / "data").iterdir()) == ["tokenized"]
