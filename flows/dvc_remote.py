@@ -82,12 +82,15 @@ def check_same_commit(root: Path, commit: str | None) -> None:
         )
 
 
+SPEED_FILE = "metrics/train_speed.json"  # a top-level DVC metric: no lock entry, but the registry shows it
+
+
 def train_record(root: Path) -> dict:
     """The train stage's dvc.lock entry and the text of its outputs that are files (the uncached metrics and
-    plot; the checkpoint directory goes through the remote)."""
+    plot; the checkpoint directory goes through the remote), and the GPU's speed figures."""
     entry = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["train"]
-    files = {o["path"]: (root / o["path"]).read_bytes().decode() for o in entry["outs"] if (root / o["path"]).is_file()}
-    return {"lock": entry, "files": files}
+    paths = [o["path"] for o in entry["outs"]] + [SPEED_FILE]
+    return {"lock": entry, "files": {p: (root / p).read_bytes().decode() for p in paths if (root / p).is_file()}}
 
 
 def publish_train_record(root: Path) -> None:

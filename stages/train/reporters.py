@@ -1,4 +1,7 @@
-"""`report_to` targets: tensorboard (event files under the run directory) and wandb (offline unless configured).
+"""`report_to` targets: tensorboard and wandb (offline unless configured), both writing under ``logs/<run_name>``.
+
+The logs live outside the run directory: that directory is the train stage's DVC output, and event files (with
+their wall-clock times and host names) would make its hash differ on every run.
 
 Each reporter logs the same per-step scalars; both libraries are imported only when asked for, and a missing
 one is a clear error before training starts.
@@ -27,12 +30,12 @@ def check_available(report_to: list[str]) -> None:
 class Reporters:
     """Fan-out of per-step scalars to the configured targets (rank 0 only)."""
 
-    def __init__(self, report_to: list[str], run_dir: Path, run_name: str, config: dict):
+    def __init__(self, report_to: list[str], log_dir: Path, run_name: str, config: dict):
         self._sinks, self._closers = [], []
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            writer = SummaryWriter(log_dir=str(log_dir / "tensorboard"))
             self._sinks.append(lambda scalars, step: [writer.add_scalar(k, v, step) for k, v in scalars.items()])
             self._closers.append(writer.close)
         if "wandb" in report_to:
@@ -42,7 +45,7 @@ class Reporters:
             run = wandb.init(
                 project=os.environ.get("WANDB_PROJECT", "qwenvl-pipeline"),
                 name=run_name,
-                dir=str(run_dir),
+                dir=str(log_dir),
                 config=config,
                 resume="allow",
             )

@@ -112,9 +112,8 @@ def train(params_path: str) -> None:
         state, history, step = LoaderState(**saved["loader"]), saved["history"], saved["step"]
         log(f"resumed from {existing[-1]} at step {step} (epoch {state.epoch}, {state.packs_done} packs done)")
 
-    reporters = Reporters(
-        [t for t in args.report_to if t != "none"] if rank == 0 else [], run_dir, args.run_name, params.to_yaml_dict()
-    )
+    targets = [t for t in args.report_to if t != "none"] if rank == 0 else []
+    reporters = Reporters(targets, root / "logs" / args.run_name, args.run_name, params.to_yaml_dict())
     peak = peak_flops(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # peak_mem_gb is training's, not loading's

@@ -46,8 +46,11 @@ def test_train_record_round_trip_keeps_bytes_and_the_other_stages(tmp_path):
         (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}))
     (gpu / "output/demo").mkdir(parents=True)
     (gpu / "plots/train_loss.csv").write_bytes(b"step,loss\r\n1,2.5\r\n")
+    (gpu / "metrics").mkdir()
+    (gpu / "metrics/train_speed.json").write_text('{"tokens_per_s": 9000.5}')  # the GPU's figures travel back too
     dvc_remote.apply_train_record(here, dvc_remote.train_record(gpu))
     assert (here / "plots/train_loss.csv").read_bytes() == b"step,loss\r\n1,2.5\r\n"
+    assert (here / "metrics/train_speed.json").read_text() == '{"tokens_per_s": 9000.5}'
     assert yaml.safe_load((here / "dvc.lock").read_text())["stages"] == {
         "pack": {"cmd": "p"},
         "train": {"cmd": "t", "outs": outs},

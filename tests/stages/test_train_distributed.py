@@ -270,7 +270,8 @@ def test_frozen_vision_tower_is_bit_identical(packed_project):
         freeze_modules=["visual"],
         report_to=["tensorboard"],
     )
-    assert list((root / "output/frozen/tensorboard").glob("events.out.tfevents.*"))
+    assert list((root / "logs/frozen/tensorboard").glob("events.out.tfevents.*"))
+    assert not list((root / "output/frozen").rglob("events.out.tfevents.*"))  # not in the DVC output
     fam = family(family_name)
     cls = fam.transformers_class(fam.model_class)
     before = cls.from_pretrained(model_dir, dtype=torch.float32).state_dict()
