@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -26,7 +27,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 STEP = re.compile(r"^step (\d+)/(\d+) loss")
 
 
-def _stage(stage: str, project_dir: str, on_line=None) -> State | None:
+def _stage(stage: str, project_dir: str, on_line: Callable[[str], None] | None = None) -> State | None:
     """Run ``stage`` through DVC; a flow-run cancellation (Prefect's SIGTERM, after the worker told this process
     it means "cancel") ends the task Cancelled instead of Crashed, once run_stage has stopped the stage's processes.
     The flow re-raises the signal (see `qwen_vl_pipeline`) so that Prefect finishes cancelling the flow run."""
