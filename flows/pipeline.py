@@ -9,10 +9,15 @@ and pushes the checkpoint, which is pulled back here before register (flows/gpu.
 from __future__ import annotations
 
 import re
+import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect._internal.control_listener import get_intent
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.exceptions import TerminationSignal
+from prefect.states import Cancelled, Completed, State
 
 from flows import artifacts, dvc_remote
 from flows.stage_runner import StageFailed, StagePlan, run_stage
@@ -22,19 +27,43 @@ PROJECT = Path(__file__).resolve().parent.parent
 STEP = re.compile(r"^step (\d+)/(\d+) loss")
 
 
-@task(retries=2, retry_delay_seconds=5)
-def io_stage(stage: str, project_dir: str) -> None:
+def _stage(stage: str, project_dir: str, on_line: Callable[[str], None] | None = None) -> State | None:
+    """Run ``stage`` through DVC; a flow-run cancellation (Prefect's SIGTERM, after the worker told this process
+    it means "cancel") ends the task Cancelled instead of Crashed, once run_stage has stopped the stage's processes.
+    The flow re-raises the signal (see `qwen_vl_pipeline`) so that Prefect finishes cancelling the flow run."""
+    logger = get_run_logger()
+    try:
+        run_stage(stage, Path(project_dir), logger.info, on_line, warn=logger.warning)
+    except TerminationSignal:
+        if get_intent() != "cancel":
+            raise
+        logger.info(f"stage {stage}: cancelled, its processes are stopped")
+        return Cancelled(message=f"stage {stage} cancelled with the flow run; its processes are stopped")
+    return None
+
+
+@task(task_run_name="{stage}", retries=2, retry_delay_seconds=5)
+def io_stage(stage: str, project_dir: str) -> State | None:
     """validate and decode read many files: transient I/O errors are retried (DVC skips finished work)."""
-    run_stage(stage, Path(project_dir), get_run_logger().info)
+    return _stage(stage, project_dir)
 
 
-@task
-def compute_stage(stage: str, project_dir: str) -> None:
-    run_stage(stage, Path(project_dir), get_run_logger().info)
+@task(task_run_name="{stage}")
+def compute_stage(stage: str, project_dir: str) -> State | None:
+    return _stage(stage, project_dir)
 
 
-@task
-def train_stage(project_dir: str) -> None:
+@task(task_run_name="{stage}")
+def skipped_stage(stage: str) -> State:
+    """A stage DVC would not run (unchanged since dvc.lock): still a task run, so the flow-run graph always
+    reads validate -> decode -> tokenize -> pack -> train -> register."""
+    message = f"stage {stage} skipped: up to date (unchanged since dvc.lock)"
+    get_run_logger().info(message)
+    return Completed(message=message)
+
+
+@task(task_run_name="train")
+def train_stage(project_dir: str) -> State | None:
     """Training with a live progress artifact (percent of steps done)."""
     progress = create_progress_artifact(progress=0.0, key="training-progress", description="training steps done")
 
@@ -42,10 +71,10 @@ def train_stage(project_dir: str) -> None:
         if m := STEP.match(line):
             update_progress_artifact(progress, progress=100.0 * int(m.group(1)) / int(m.group(2)))
 
-    run_stage("train", Path(project_dir), get_run_logger().info, on_line)
+    return _stage("train", project_dir, on_line)
 
 
-@task
+@task(task_run_name="train")
 def dispatch_training(deployment: str, project_dir: str, remote: str | None) -> None:
     """Train on the GPU work pool and wait for it: push the data stages' outputs to the DVC remote, hand the GPU
     flow this run's params.yaml and dvc.lock, then take back its train lock entry and pull the checkpoint."""
@@ -74,13 +103,12 @@ def qwen_vl_pipeline(project_dir: str = str(PROJECT)) -> dict:
     root = Path(project_dir)
     params = load_params(root / "params.yaml")
     plan = StagePlan(root)
-    logger = get_run_logger()
 
     def stage(name: str, task_fn, *args) -> None:
-        if plan.needs_run(name):
-            task_fn(*args)
-        else:
-            logger.info(f"stage {name}: unchanged since dvc.lock, skipped")
+        state = task_fn(*args, return_state=True) if plan.needs_run(name) else skipped_stage(name, return_state=True)
+        if state.is_cancelled():  # the task caught the cancellation signal: the flow run is cancelled too
+            raise TerminationSignal(signal.SIGTERM)
+        state.result()  # a failed stage raises its error here
 
     stage("validate", io_stage, "validate", project_dir)
     artifacts.validation_table(root)

@@ -14,6 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 ERROR_LINE = re.compile(r"(qvl \w+.*error: .*|ERROR: .*)")
+WARNING_LINE = re.compile(r"^WARNING: |^warning: |\b[A-Z]\w*Warning: ")  # DVC's, and Python's warnings module
+# DVC's advice after each stage, addressed to a person at a shell: noise in a flow run's log.
+DVC_BOILERPLATE = re.compile(
+    r"^(To track the changes with git, run:|To enable auto staging, run:|git add \S|dvc config core\.autostage|"
+    r"Use `dvc push` to send your updates to remote storage\.)"
+)
 
 
 class StageFailed(RuntimeError):
@@ -111,8 +117,16 @@ def dvc(*args: str, project_dir: Path, **kwargs) -> subprocess.CompletedProcess:
 
 
 def run_stage(
-    stage: str, project_dir: Path, log: Callable[[str], None], on_line: Callable[[str], None] | None = None
+    stage: str,
+    project_dir: Path,
+    log: Callable[[str], None],
+    on_line: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> None:
+    """`dvc repro --single-item <stage>`: each non-blank line goes to ``on_line`` and, unless it is DVC's git
+    advice, to ``log`` (warnings to ``warn`` where given); a non-zero exit raises StageFailed. However the call
+    ends (an exception, Prefect's cancellation signal), the stage's process group is stopped (SIGTERM, then
+    SIGKILL after 20 s): `qvl train` passes the SIGTERM on to torchrun's group, which stops every rank."""
     heal_dvc_state(project_dir)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **_prefect_api_env()}
@@ -130,8 +144,11 @@ def run_stage(
     try:
         for line in proc.stdout:
             line = line.rstrip()
+            if not line.strip():
+                continue
             tail.append(line)
-            log(line)
+            if not DVC_BOILERPLATE.match(line.strip()):
+                (warn if warn and WARNING_LINE.search(line) else log)(line)
             if on_line:
                 on_line(line)
         code = proc.wait()

@@ -200,7 +200,9 @@ def _ranks_stop_with_us(proc: subprocess.Popen, grace: float = 30) -> Iterator[l
 
 
 def run(params_path: str, root: Path = Path(".")) -> int:
-    """Preflight, then torchrun; the exit status is torchrun's, or 128 + N after signal N stopped the run."""
+    """Preflight, then torchrun; the exit status is torchrun's. After signal N stopped the run (every rank is gone
+    by then), the process exits with 128 + N at once: tearing down torch and transformers at interpreter exit
+    takes seconds on a busy machine, and a cancelled flow run should not wait on them."""
     params = load_params(params_path)
     nproc = nproc_per_node(params)
     preflight(params, root, nproc * params.trainer_args.nnodes)
@@ -211,4 +213,8 @@ def run(params_path: str, root: Path = Path(".")) -> int:
     proc = subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True, preexec_fn=preexec)
     with _ranks_stop_with_us(proc) as received:
         code = proc.wait()
-    return 128 + received[0] if received else code
+    if received:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + received[0])
+    return code

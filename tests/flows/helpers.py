@@ -112,3 +112,27 @@ def read_artifacts(cwd: Path, env: dict[str, str]) -> dict[str, str]:
         "asyncio.run(main())\n"
     )
     return json.loads(sh(sys.executable, "-c", check, cwd=cwd, env=env).stdout.strip().splitlines()[-1])
+
+
+def prefect_api(env: dict[str, str], command: str, *args: str):
+    """`tests/flows/prefect_api.py <command> <args>` against the server that ``env`` points at; its JSON answer."""
+    import json
+
+    out = sh(sys.executable, "-m", "tests.flows.prefect_api", command, *args, cwd=REPO, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def processes_in(root: Path, *markers: str) -> list[str]:
+    """Command lines of the live processes working in ``root`` whose command line contains one of ``markers``
+    (read from /proc: other projects' processes on this machine are not counted)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("State:"))
+        except (OSError, StopIteration):
+            continue
+        if cwd == str(root) and "zombie" not in state and any(m in cmdline for m in markers):
+            found.append(f"{pid}: {cmdline}")
+    return found

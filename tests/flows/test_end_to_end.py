@@ -1,13 +1,33 @@
-"""End to end with the real components: `dvc repro` in a git clone, then a real Prefect server, process work
-pool, worker and `prefect deployment run --watch` on the demo data, artifacts read back through the API."""
+"""End to end with the real components, in one git clone of the project: `qvl run` (the README's demo command,
+ephemeral Prefect), then `dvc repro`; then a real Prefect server, process work pool, worker and deployment: a
+watched run read back through the API (task runs, artifacts), a retried stage, and a cancel during training."""
 
+import re
 import sys
+import time
 
 import pytest
+import yaml
 
-from tests.flows.helpers import BIN, clone_project, edit_params, prefect_server, read_artifacts, sh, start, stop
+from tests.flows.helpers import (
+    BIN,
+    ENV,
+    clone_project,
+    edit_params,
+    prefect_api,
+    prefect_server,
+    processes_in,
+    read_artifacts,
+    sh,
+    start,
+    stop,
+)
 
 pytestmark = pytest.mark.slow
+STAGES = ["validate", "decode", "tokenize", "pack", "train", "register"]
+RANKS = ("torch.distributed.run", "stages.train.worker")  # torchrun and each rank
+STAGE = ("stages.train", "dvc repro")  # qvl train and the DVC process that started it
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 @pytest.fixture(scope="module")
@@ -16,13 +36,41 @@ def clone(tmp_path_factory):
     return clone_project(tmp_path_factory.mktemp("e2e") / "project", max_steps=2, save_steps=1)
 
 
+@pytest.fixture(scope="module")
+def stack(clone, tmp_path_factory):
+    """A real Prefect server on loopback, a process work pool with the pipeline deployed from the clone as
+    `qwen_vl_pipeline/demo`, and a worker on that pool; yields the env that reaches the server."""
+    home = tmp_path_factory.mktemp("prefect") / "home"
+    with prefect_server(home) as env:
+        sh(str(BIN / "prefect"), "work-pool", "create", "local-pool", "--type", "process", cwd=home.parent, env=env)
+        deploy = (
+            f"from flows.pipeline import qwen_vl_pipeline\n"
+            f"qwen_vl_pipeline.from_source({str(clone)!r}, entrypoint='flows/pipeline.py:qwen_vl_pipeline')"
+            f".deploy(name='demo', work_pool_name='local-pool', build=False, push=False, "
+            f"parameters={{'project_dir': {str(clone)!r}}})\n"
+        )
+        sh(sys.executable, "-c", deploy, cwd=clone, env=env)
+        worker = start(
+            str(BIN / "prefect"), "worker", "start", "--pool", "local-pool", cwd=clone, env=env, log=home / "worker.log"
+        )
+        try:
+            yield env
+        finally:
+            stop(worker)
+
+
 def ran_stages(output: str) -> list[str]:
-    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+    """The stages DVC ran, in order (a line may reach the output twice through Prefect's console log)."""
+    return list(dict.fromkeys(re.findall(r"Running stage '(\w+)'", output)))
 
 
-def test_dvc_repro_end_to_end_then_nothing_then_only_what_changed(clone):
-    first = sh(sys.executable, "-m", "dvc", "repro", cwd=clone)
-    assert ran_stages(first.stdout) == ["validate", "decode", "tokenize", "pack", "train", "register"]
+def test_qvl_run_end_to_end_then_nothing_then_only_what_changed(clone, tmp_path):
+    """The README's `qvl run` (ephemeral Prefect) runs every stage; then `dvc repro` has nothing to do."""
+    env = {k: v for k, v in ENV.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path / "prefect")}
+    first = sh(sys.executable, "-m", "stages.cli", "run", cwd=clone, env=env)
+    output = first.stdout + first.stderr
+    assert ran_stages(output) == STAGES and "pipeline done in" in output
+    assert "Running stage 'train'" in output and "To enable auto staging" not in output  # DVC's git advice: dropped
     second = sh(sys.executable, "-m", "dvc", "repro", cwd=clone)
     assert ran_stages(second.stdout) == []
     assert "up to date" in sh(sys.executable, "-m", "dvc", "status", cwd=clone).stdout
@@ -43,35 +91,29 @@ def test_dvc_repro_end_to_end_then_nothing_then_only_what_changed(clone):
     )
 
 
-def test_prefect_deployment_run_on_a_real_server_and_worker(clone, tmp_path):
-    edit_params(clone, trainer_args={"max_steps": 3})  # so train and register really run under Prefect
-    with prefect_server(tmp_path / "prefect-home") as env:
-        sh(str(BIN / "prefect"), "work-pool", "create", "local-pool", "--type", "process", cwd=tmp_path, env=env)
-        deploy = (
-            f"from flows.pipeline import qwen_vl_pipeline\n"
-            f"qwen_vl_pipeline.from_source({str(clone)!r}, entrypoint='flows/pipeline.py:qwen_vl_pipeline')"
-            f".deploy(name='demo', work_pool_name='local-pool', build=False, push=False, "
-            f"parameters={{'project_dir': {str(clone)!r}}})\n"
-        )
-        sh(sys.executable, "-c", deploy, cwd=clone, env=env)
-        worker = start(str(BIN / "prefect"), "worker", "start", "--pool", "local-pool", cwd=clone, env=env)
-        try:
-            run = sh(
-                str(BIN / "prefect"),
-                "deployment",
-                "run",
-                "qwen_vl_pipeline/demo",
-                "--watch",
-                "--watch-timeout",
-                "800",
-                cwd=clone,
-                env=env,
-                timeout=900,
-            )
-            assert "Completed" in run.stdout + run.stderr
-            found = read_artifacts(clone, env)
-        finally:
-            stop(worker)
+def test_prefect_deployment_run_on_a_real_server_and_worker(clone, stack):
+    """Only train and register changed (max_steps): the four data stages are still task runs, completed as
+    skipped, so the flow-run graph reads validate -> decode -> tokenize -> pack -> train -> register."""
+    edit_params(clone, trainer_args={"max_steps": 3})
+    run = sh(
+        str(BIN / "prefect"),
+        "deployment",
+        "run",
+        "qwen_vl_pipeline/demo",
+        "--watch",
+        "--watch-timeout",
+        "800",
+        cwd=clone,
+        env=stack,
+        timeout=900,
+    )
+    assert "Completed" in run.stdout + run.stderr
+    tasks = prefect_api(stack, "task-runs", UUID.search(run.stdout).group(0))
+    assert [t["name"] for t in tasks] == STAGES
+    assert all(t["state"] == "Completed" for t in tasks)
+    assert all("skipped: up to date" in t["message"] for t in tasks[:4])
+    assert not any("skipped" in (t["message"] or "") for t in tasks[4:])
+    found = read_artifacts(clone, stack)
     assert {
         "validation-counts",
         "packing-efficiency",
@@ -84,3 +126,66 @@ def test_prefect_deployment_run_on_a_real_server_and_worker(clone, tmp_path):
     from stages.register import read_registry
 
     assert [r["step"] for r in read_registry(clone / "registry/registry.duckdb")][-1] == 3
+
+
+def test_a_stage_that_fails_once_succeeds_on_its_retry(stack, tmp_path, demo_dir):
+    """io_stage's retries meet a real transient failure: validate's command fails the first time it runs."""
+    import shutil
+
+    from tests.conftest import REPO
+
+    sh("git", "init", "-q", cwd=tmp_path)
+    sh(sys.executable, "-m", "dvc", "init", "-q", cwd=tmp_path)
+    shutil.copytree(demo_dir, tmp_path / "data/demo")
+    flaky = "test -e attempted || { touch attempted; echo 'ERROR: storage not ready'; exit 1; }; "
+    stage = {"cmd": flaky + f"{sys.executable} -m stages.validate --params params.yaml", "outs": ["data/validated"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"validate": stage}}))
+    params = {"dataset_config": {"datasets": [{"path": "data/demo/chat.jsonl", "data_folder": "data/demo"}]}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    call = (
+        "import json, sys\nfrom flows.pipeline import io_stage\n"
+        "s = io_stage.with_options(retry_delay_seconds=0)('validate', sys.argv[1], return_state=True)\n"
+        "print(json.dumps(str(s.state_details.task_run_id)))\n"
+    )
+    out = sh(sys.executable, "-c", call, str(tmp_path), cwd=REPO, env={**stack, "PYTHONPATH": str(REPO)}).stdout
+    task = prefect_api(stack, "task-run", out.strip().splitlines()[-1].strip('"'))
+    assert (task["name"], task["state"], task["run_count"]) == ("validate", "Completed", 2)
+    assert (tmp_path / "data/validated/samples.parquet").is_file()
+
+
+def test_cancel_during_training_stops_every_rank_then_the_next_run_resumes(clone, stack):
+    """`prefect flow-run cancel` while the deployment trains: within 10 s no torchrun or rank process is left
+    (nor, soon after, the DVC and `qvl train` processes above them), the flow run and its train task end Cancelled
+    (not Crashed), and the next training resumes from the newest complete checkpoint."""
+    from stages.train.checkpoint import complete_checkpoints
+
+    def newest_step() -> int:
+        return int(complete_checkpoints(run_dir)[-1].name.split("-")[1]) if complete_checkpoints(run_dir) else 0
+
+    run_dir = clone / "output/demo"
+    before = newest_step()
+    edit_params(clone, trainer_args={"max_steps": 40})
+    flow_run = prefect_api(stack, "start-deployment", "qwen_vl_pipeline/demo")["id"]
+    deadline = time.time() + 600
+    while newest_step() <= before:  # training under the deployment has saved a checkpoint of its own
+        assert time.time() < deadline, f"training under the deployment saved no checkpoint after step {before}"
+        time.sleep(1)
+    assert prefect_api(stack, "flow-run", flow_run)["state"] == "Running"
+    cancelled_at = time.time()
+    sh(str(BIN / "prefect"), "flow-run", "cancel", flow_run, cwd=clone, env=stack)
+    while left := processes_in(clone, *RANKS):
+        assert time.time() - cancelled_at < 10, f"still running 10 s after the cancel: {left}"
+        time.sleep(0.2)
+    while left := processes_in(clone, *STAGE):
+        assert time.time() - cancelled_at < 30, f"still running 30 s after the cancel: {left}"
+        time.sleep(0.2)
+    while (state := prefect_api(stack, "flow-run", flow_run))["state"] not in ("Cancelled", "Crashed", "Failed"):
+        assert time.time() - cancelled_at < 90, f"flow run still {state}"
+        time.sleep(1)
+    assert state["state"] == "Cancelled", state
+    tasks = prefect_api(stack, "task-runs", flow_run)
+    assert [t["name"] for t in tasks] == STAGES[:5] and tasks[-1]["state"] == "Cancelled", tasks
+    newest, step = complete_checkpoints(run_dir)[-1], newest_step()
+    edit_params(clone, trainer_args={"max_steps": step + 1})
+    resumed = sh(sys.executable, "-m", "stages.cli", "train", cwd=clone)
+    assert f"resumed from {newest} at step {step}" in resumed.stdout + resumed.stderr

@@ -40,5 +40,22 @@ def test_a_stage_that_succeeds_streams_its_lines(repo, monkeypatch, demo_dir):
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     logged, seen = [], []
     run_stage("validate", repo, logged.append, seen.append)
-    assert logged == seen and any("Running stage 'validate'" in line for line in logged)
+    assert set(logged) <= set(seen) and any("Running stage 'validate'" in line for line in logged)
     assert (repo / "data/validated/samples.parquet").is_file()
+
+
+def test_dvc_git_advice_and_blank_lines_are_not_logged_and_warnings_go_to_warn(tmp_path):
+    """What reaches the flow's log: the stage's lines without DVC's "git add dvc.lock" advice or blank lines;
+    a warning (DVC's, or Python's warnings module) goes to ``warn``, so Prefect shows it at WARNING."""
+    sh("git", "init", "-q", cwd=tmp_path)
+    sh(sys.executable, "-m", "dvc", "init", "-q", cwd=tmp_path)
+    cmd = f"{sys.executable} -c \"import warnings; print('made'); print(); warnings.warn('disk nearly full')\" > out"
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"make": {"cmd": cmd, "outs": ["out"]}}}))
+    logged, warned, seen = [], [], []
+    run_stage("make", tmp_path, logged.append, seen.append, warn=warned.append)
+    assert any("Running stage 'make'" in line for line in logged)
+    assert any("To enable auto staging" in line for line in seen)  # DVC did print its advice ...
+    assert not [line for line in logged if "git add" in line or "autostage" in line or "auto staging" in line]
+    assert all(line.strip() for line in logged + seen)  # ... and blank lines reach neither
+    assert len(warned) == 1 and "UserWarning: disk nearly full" in warned[0]
+    assert not any("UserWarning" in line for line in logged)
