@@ -34,7 +34,7 @@ def train_on_gpu(
     remote = load_params(root / "params.yaml").orchestration.dvc_remote
     logger.info(f"pulling {', '.join(dvc_remote.DATA_STAGES)} outputs from the DVC remote into {root}")
     dvc_remote.pull(root, remote, dvc_remote.DATA_STAGES)
-    run_stage("train", root, logger.info)
+    run_stage("train", root, logger.info, warn=logger.warning)  # a cancel: run_stage stops the ranks, Prefect the flow
     dvc_remote.push(root, remote, ("train",))
     dvc_remote.publish_train_record(root)
     logger.info("checkpoint pushed to the DVC remote")

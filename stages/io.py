@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,11 @@ def _explain_os_errors(target: Path) -> Iterator[None]:
         raise
 
 
+# Fault injection for the kill tests (tests/flows/test_reliability.py): set to a directory's name, the process
+# holds that directory's complete temp copy unpublished until it is killed, so a test can kill it mid-write for sure.
+HOLD_BEFORE_PUBLISH = "QVL_TEST_HOLD_BEFORE_PUBLISH"
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a fresh temp directory; on success it replaces ``target`` (old one removed after the swap)."""
@@ -69,6 +75,8 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         os.chmod(tmp, 0o755)
         try:
             yield tmp
+            if os.environ.get(HOLD_BEFORE_PUBLISH) == target.name:
+                time.sleep(3600)
             old = None
             if target.exists():
                 old = target.parent / f".{target.name}.tmp-old-{os.getpid()}"

@@ -19,6 +19,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# A temporary (ephemeral) Prefect server gets 20 s to start by default: too little on two busy cores.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 REPO = Path(__file__).resolve().parent.parent
 TIERS = ("unit", "model", "slow", "gpu")
@@ -66,6 +68,7 @@ def xdist_group(item: pytest.Item) -> str | None:
     return None
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which turns xdist_group marks into node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         only = item.get_closest_marker("family_only")
@@ -77,6 +80,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(tier)
         if group := xdist_group(item):
             item.add_marker(pytest.mark.xdist_group(group))
+
+
+_BUILT: dict = {}
+
+
+def built_once(key, build):
+    """``build()``, once per key and test process. pytest keeps one parameter value of a higher-scoped fixture at a
+    time, so a worker that goes from one family's tests to the other's and back would rebuild the fixture each
+    time; fixtures whose product stays valid (files in a session temp dir) build through here instead."""
+    if key not in _BUILT:
+        _BUILT[key] = build()
+    return _BUILT[key]
 
 
 def cached_tiny_model(family_name: str) -> Path:
@@ -182,12 +197,15 @@ def packed_project(request, tiny_models, demo_dir, tmp_path_factory):
     from stages.tokenize import run as tokenize
     from stages.validate import run as validate
 
-    root = tmp_path_factory.mktemp(f"packed-{request.param}")
-    shutil.copytree(demo_dir, root / "data/demo")
-    params = pipeline_params(tiny_models[request.param], request.param)
-    for stage in (validate, decode, tokenize, pack):
-        stage(params, root)
-    return root, request.param, tiny_models[request.param]
+    def build() -> tuple[Path, str, Path]:
+        root = tmp_path_factory.mktemp(f"packed-{request.param}")
+        shutil.copytree(demo_dir, root / "data/demo")
+        params = pipeline_params(tiny_models[request.param], request.param)
+        for stage in (validate, decode, tokenize, pack):
+            stage(params, root)
+        return root, request.param, tiny_models[request.param]
+
+    return built_once(("packed_project", request.param), build)
 
 
 @pytest.fixture

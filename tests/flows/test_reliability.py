@@ -13,6 +13,7 @@ import time
 import pytest
 import yaml
 
+from stages.io import HOLD_BEFORE_PUBLISH
 from tests.conftest import REPO
 from tests.flows.helpers import ENV, sh
 
@@ -49,50 +50,43 @@ def project(tmp_path_factory):
 OUTPUT_OF = {"validate": "validated", "decode": "frames", "tokenize": "tokenized", "pack": "packed"}
 
 
-def kill_mid_write(proc: subprocess.Popen, data, stage: str) -> bool:
-    """Wait until the stage before ``stage`` has published its output, then busy-wait until ``stage``'s temp
-    output directory exists and SIGKILL the whole process group. False when the stage won the race (pack's temp
-    directory exists for milliseconds): it published its output, or dvc finished, before the poll saw it.
-    (dvc's own "Running stage" line comes too late to go by: it is buffered.)"""
+def kill_mid_write(proc: subprocess.Popen, data, stage: str) -> None:
+    """Wait until ``stage``'s temp output directory exists (the stage holds it unpublished: HOLD_BEFORE_PUBLISH),
+    then SIGKILL the whole process group and check the kill landed while the stage was still running."""
     folder = OUTPUT_OF[stage]
-    before = DATA_STAGES.index(stage) - 1
-    while before >= 0 and not (data / OUTPUT_OF[DATA_STAGES[before]]).exists():
-        assert proc.poll() is None, f"dvc exited ({proc.returncode}) before {stage} started"
-        time.sleep(0.01)
+    deadline = time.monotonic() + 600
     while not any(name.startswith(f".{folder}.tmp-") for name in os.listdir(data)):
-        if proc.poll() is not None or (data / folder).exists():
-            return False
+        assert proc.poll() is None, f"dvc exited ({proc.returncode}) before {stage} wrote anything"
+        assert time.monotonic() < deadline, f"{stage} never started writing"
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    return not (data / folder).exists()  # renamed into place between the poll and the kill: the stage won
+    assert proc.wait() == -signal.SIGKILL, "the kill did not land: dvc had already finished"
 
 
 @pytest.mark.parametrize("stage", DATA_STAGES)
 def test_sigkill_during_a_stage_then_rerun_gives_the_same_outputs(project, stage):
-    """Killed while the stage provably writes (its temp directory exists): nothing half-written is visible right
-    after the kill, and the rerun gives the uninterrupted run's hashes and leaves no temp directory."""
+    """Killed while the stage provably writes (its complete temp directory exists, held unpublished by the
+    fault-injection switch): nothing half-written is visible right after the kill, and the rerun gives the
+    uninterrupted run's hashes and leaves no temp directory."""
     root, reference = project
     data = root / "data"
     for folder in ("validated", "media", "frames", "tokenized", "packed"):
         shutil.rmtree(data / folder, ignore_errors=True)
     (root / "dvc.lock").unlink()
-    for _ in range(5):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dvc", "repro", "--no-run-cache", "pack"],  # really run (not restore) each stage
-            cwd=root,
-            env=ENV,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        if kill_mid_write(proc, data, stage):
-            break
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro", "--no-run-cache", "pack"],  # really run (not restore) each stage
+        cwd=root,
+        env={**ENV, HOLD_BEFORE_PUBLISH: OUTPUT_OF[stage]},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        kill_mid_write(proc, data, stage)
+    finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        shutil.rmtree(data / OUTPUT_OF[stage], ignore_errors=True)  # complete, but not what this test is for: again
-    else:
-        pytest.fail(f"{stage} was never caught mid-write in 5 runs")
+            os.killpg(proc.pid, signal.SIGKILL)  # a held stage never exits by itself
+    assert [p for p in data.iterdir() if p.name.startswith(f".{OUTPUT_OF[stage]}.tmp-")], "the temp dir vanished"
     assert not (data / OUTPUT_OF[stage]).exists(), "a half-written output is visible"
     visible_outputs_complete(root)
     sh(sys.executable, "-m", "stages.cli", "repro", "pack", cwd=root)  # heals what the killed dvc left behind

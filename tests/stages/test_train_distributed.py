@@ -23,7 +23,7 @@ import yaml
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from stages.families import family
-from tests.conftest import REPO, pipeline_params
+from tests.conftest import REPO, built_once, pipeline_params
 
 pytestmark = pytest.mark.slow
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss (\S+)", re.M)
@@ -110,15 +110,19 @@ def reference(packed_project):
     """World size 2, accumulation 1, four steps (one epoch is three steps of two packs); the metrics, speed figures
     and loss plot are read right after this run, before another run rewrites them."""
     root, family_name, model_dir = packed_project
-    history = train(root, "ws2", model_dir, family_name, max_steps=4, nproc_per_node=2)
-    files = {path: (root / path).read_bytes() for path in OUTPUT_FILES}
-    outputs = {
-        "files": files,
-        "metrics": json.loads(files["metrics/train.json"]),
-        "speed": json.loads(files["metrics/train_speed.json"]),
-        "plot": list(csv.DictReader((root / "plots/train_loss.csv").open())),
-    }
-    return history, outputs
+
+    def build() -> tuple[list[dict], dict]:
+        history = train(root, "ws2", model_dir, family_name, max_steps=4, nproc_per_node=2)
+        files = {path: (root / path).read_bytes() for path in OUTPUT_FILES}
+        outputs = {
+            "files": files,
+            "metrics": json.loads(files["metrics/train.json"]),
+            "speed": json.loads(files["metrics/train_speed.json"]),
+            "plot": list(csv.DictReader((root / "plots/train_loss.csv").open())),
+        }
+        return history, outputs
+
+    return built_once(("reference", family_name), build)
 
 
 def test_world_size_and_accumulation_do_not_change_the_result(packed_project, reference):
