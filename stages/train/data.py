@@ -12,12 +12,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 from stages.decode.shards import FrameStore
 from stages.tokenize.vision import VisionArgs
+from stages.train.samples import PACKS, TOKENIZED_ARROW, Packs, TokenizedSamples
 
 IGNORE = -100
 
@@ -54,16 +54,15 @@ class Row:
 
 
 class RowBuilder:
-    """Builds rows from pack ids; holds the tokenized samples, the frame store and a meta-device rope model."""
+    """Builds rows from pack ids; holds the tokenized samples (memory-mapped, see samples.py), the packs' row
+    numbers, the frame store and a meta-device rope model."""
 
     def __init__(self, root: Path, processor, vision: VisionArgs, model_class: type, config):
         self.root = root
         self.processor = processor
         self.vision = vision
-        table = pq.read_table(root / "data/tokenized/samples.parquet").to_pylist()
-        self.samples = {s["sample_id"]: s for s in table}
-        packs = pq.read_table(root / "data/packed/packs.parquet").to_pylist()
-        self.packs = {p["pack_id"]: p["sample_ids"] for p in packs}
+        self.samples = TokenizedSamples(root / TOKENIZED_ARROW)
+        self.packs = Packs(root / PACKS, self.samples)
         frames = root / "data/frames"
         self.frames = FrameStore(frames) if (frames / "index.parquet").exists() else None
         with torch.device("meta"):  # get_rope_index reads only the config: no weights needed
@@ -125,18 +124,23 @@ class RowBuilder:
 
     def build(self, pack_ids: list[int], dummy: bool = False) -> Row:
         """Concatenate the packs' samples into one row; ``dummy`` rows carry no labels (idle ranks)."""
-        return self.build_samples([s for p in pack_ids for s in self.packs[p]], list(pack_ids), dummy)
+        rows = np.concatenate([self.packs.rows(p) for p in pack_ids] + [np.zeros(0, np.int64)])
+        return self._build_rows(rows, list(pack_ids), dummy)
 
     def build_samples(self, sample_ids: list[str], pack_ids: list[int] | None = None, dummy: bool = False) -> Row:
         """One row of the given samples, in order (``build`` for whole packs; tests and benchmarks for others)."""
-        pack_ids = pack_ids or []
+        return self._build_rows(self.samples.rows_of(sample_ids), pack_ids or [], dummy)
+
+    def _build_rows(self, rows: np.ndarray, pack_ids: list[int], dummy: bool) -> Row:
+        """One row of the tokenized rows ``rows``, in order; only these rows are read from the mapped file."""
         ids_parts, target_parts, pos_parts, images, videos = [], [], [], [], []
         image_grids, video_grids = [], []
-        for sample_id in sample_ids:
-            s = self.samples[sample_id]
-            ids = torch.tensor([s["input_ids"]], dtype=torch.long)
-            labels = s["labels"][1:] + [IGNORE]
-            target_parts.append(torch.tensor([labels], dtype=torch.long))
+        for r in rows.tolist():
+            s = self.samples.meta(r)
+            input_ids, labels = self.samples.tokens(r)
+            ids = torch.from_numpy(input_ids.astype(np.int64)).view(1, -1)
+            shifted = np.append(labels[1:].astype(np.int64), IGNORE)  # no label crosses into the next sample
+            target_parts.append(torch.from_numpy(shifted).view(1, -1))
             ids_parts.append(ids)
             text_pos = torch.arange(ids.shape[1]).view(1, 1, -1)
             pos_parts.append(torch.cat([text_pos, self._rope(s, ids)], dim=0))
@@ -158,13 +162,15 @@ class RowBuilder:
             out = self.processor.image_processor(images=images, return_tensors="pt", **self.vision.images_kwargs())
             vision["pixel_values"], vision["image_grid_thw"] = out["pixel_values"], out["image_grid_thw"]
             if out["image_grid_thw"].tolist() != image_grids:
-                raise ValueError(f"samples {sample_ids}: image grids differ from the tokenized data; re-run tokenize")
+                names = self.samples.ids(rows)
+                raise ValueError(f"samples {names}: image grids differ from the tokenized data; re-run tokenize")
         if videos:
             kwargs = self.vision.videos_kwargs(videos)
             out = self.processor.video_processor(videos=[v.frames for v in videos], return_tensors="pt", **kwargs)
             vision["pixel_values_videos"], vision["video_grid_thw"] = out["pixel_values_videos"], out["video_grid_thw"]
             if out["video_grid_thw"].tolist() != video_grids:
-                raise ValueError(f"samples {sample_ids}: video grids differ from the tokenized data; re-run tokenize")
+                names = self.samples.ids(rows)
+                raise ValueError(f"samples {names}: video grids differ from the tokenized data; re-run tokenize")
         for kind, present in (("image", images), ("video", videos)):
             if not present:
                 vision.update(self.dummies[kind]["vision"])
