@@ -2,6 +2,8 @@
 bit for bit, as from Python lists of the Parquet file; DataLoader workers get the file's path, not its rows."""
 
 import pickle
+import shutil
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -74,3 +76,48 @@ def test_a_packed_sample_missing_from_the_tokenized_data_is_named(packed_project
         Packs(tmp_path / "p.parquet", TokenizedSamples(root / TOKENIZED_ARROW))
     with pytest.raises(StageInputError, match="samples.arrow not found: run `qvl tokenize`"):
         TokenizedSamples(tmp_path / "samples.arrow")
+
+
+def test_preflight_names_data_that_does_not_match(packed_project, tmp_path):
+    """The data checks of `qvl train` (run on Arrow columns): packed ids, token ids, decoded videos, the file."""
+    from stages.arrowfile import write_arrow
+    from stages.train import preflight
+
+    source, family_name, model_dir = packed_project
+    params = pipeline_params(model_dir, family_name)
+    vocab = AutoConfig.from_pretrained(model_dir).text_config.vocab_size
+
+    def broken(name: str, change) -> Path:
+        root = tmp_path / name
+        shutil.copytree(source / "data", root / "data", ignore=shutil.ignore_patterns("demo"))
+        change(root)
+        return root
+
+    def extra_packed_id(root):
+        packs = pq.read_table(root / PACKS)
+        lists = packs.column("sample_ids").to_pylist()
+        lists[-1] = lists[-1] + ["no-such-sample"]
+        pq.write_table(packs.set_column(1, "sample_ids", pa.array(lists, pa.list_(pa.string()))), root / PACKS)
+
+    def token_past_vocab(root):
+        rows = TokenizedSamples(root / TOKENIZED_ARROW).table
+        ids = rows.column("input_ids").to_pylist()
+        ids[-1][-1] = vocab
+        fixed = rows.set_column(1, "input_ids", pa.array(ids, pa.list_(pa.int32())))
+        write_arrow(fixed, root / "fixed.arrow")
+        (root / "fixed.arrow").replace(root / TOKENIZED_ARROW)
+
+    def video_not_decoded(root):
+        index = root / "data/frames/index.parquet"
+        pq.write_table(pq.read_table(index).slice(1), index)
+
+    cases = {
+        "packs": (extra_packed_id, r"1 sample\(s\) in the packs are not in the tokenized data \(e.g. no-such-sample\)"),
+        "vocab": (token_past_vocab, f"tokenized data holds token id {vocab} but the model's vocabulary has {vocab}"),
+        "video": (video_not_decoded, r"1 video\(s\) of the tokenized data are missing from data/frames"),
+        "arrow": (lambda root: (root / TOKENIZED_ARROW).unlink(), "samples.arrow not found: run `qvl tokenize`"),
+    }
+    preflight(params, broken("good", lambda root: None), 2)
+    for name, (change, message) in cases.items():
+        with pytest.raises(StageInputError, match=message):
+            preflight(params, broken(name, change), 2)
