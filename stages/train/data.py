@@ -20,6 +20,7 @@ from stages.tokenize.vision import VisionArgs
 from stages.train.samples import PACKS, TOKENIZED_ARROW, Packs, TokenizedSamples
 
 IGNORE = -100
+END_OF_SAMPLE = np.array([IGNORE], np.int32)  # the target of a sample's last token
 
 
 @dataclass
@@ -136,14 +137,15 @@ class RowBuilder:
         ids_parts, target_parts, pos_parts, images, videos = [], [], [], [], []
         image_grids, video_grids = [], []
         for r in rows.tolist():
-            s = self.samples.meta(r)
-            input_ids, labels = self.samples.tokens(r)
-            ids = torch.from_numpy(input_ids.astype(np.int64)).view(1, -1)
-            shifted = np.append(labels[1:].astype(np.int64), IGNORE)  # no label crosses into the next sample
-            target_parts.append(torch.from_numpy(shifted).view(1, -1))
-            ids_parts.append(ids)
-            text_pos = torch.arange(ids.shape[1]).view(1, 1, -1)
-            pos_parts.append(torch.cat([text_pos, self._rope(s, ids)], dim=0))
+            s = self.samples.media(r)
+            input_ids, labels = self.samples.tokens(r)  # int32 views of the mapped file
+            ids_parts.append(input_ids)
+            target_parts += [labels[1:], END_OF_SAMPLE]  # targets shifted inside the sample: none crosses into the next
+            if s["image_grid_thw"] or s["video_grid_thw"]:
+                ids = torch.from_numpy(input_ids.astype(np.int64)).view(1, -1)
+                pos_parts.append(torch.cat([torch.arange(ids.shape[1]).view(1, 1, -1), self._rope(s, ids)], dim=0))
+            else:  # text: the text position and the three M-RoPE rows are all 0..n-1
+                pos_parts.append(torch.arange(len(input_ids)).expand(4, 1, -1))
             images += [Image.open(self.root / p).convert("RGB") for p in s["image_paths"]]
             videos += [self.frames.get(k) for k in s["video_keys"]]
             image_grids += s["image_grid_thw"]
@@ -151,10 +153,10 @@ class RowBuilder:
         for kind, present in (("image", images), ("video", videos)):
             if not present:
                 segment = self.dummies[kind]
-                ids_parts.append(segment["ids"])
-                target_parts.append(torch.full_like(segment["ids"], IGNORE))
+                ids_parts.append(segment["ids"][0].numpy())
+                target_parts.append(np.full(segment["ids"].shape[1], IGNORE))
                 pos_parts.append(segment["positions"])
-        targets = torch.cat(target_parts, dim=1)
+        targets = torch.from_numpy(np.concatenate(target_parts).astype(np.int64)).view(1, -1)
         if dummy:
             targets.fill_(IGNORE)
         vision = {}
@@ -175,7 +177,7 @@ class RowBuilder:
             if not present:
                 vision.update(self.dummies[kind]["vision"])
         return Row(
-            torch.cat(ids_parts, dim=1),
+            torch.from_numpy(np.concatenate(ids_parts).astype(np.int64)).view(1, -1),
             targets,
             torch.cat(pos_parts, dim=2),
             int((targets != IGNORE).sum()),

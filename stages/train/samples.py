@@ -22,6 +22,17 @@ from stages.arrowfile import open_arrow
 TOKENIZED_ARROW = Path("data/tokenized/samples.arrow")
 PACKS = Path("data/packed/packs.parquet")
 TOKEN_COLUMNS = ("input_ids", "labels")
+MEDIA_COLUMNS = ("image_paths", "image_grid_thw", "video_keys", "video_grid_thw", "second_per_grid_ts")
+
+
+class _Batch:
+    """One record batch's list columns as zero-copy numpy views (offsets, values): a row's tokens are two slices,
+    and an empty media list is known from its offsets, without building Arrow scalars."""
+
+    def __init__(self, batch: pa.RecordBatch):
+        self.batch = batch
+        self.tokens = [(batch.column(n).offsets.to_numpy(), batch.column(n).values.to_numpy()) for n in TOKEN_COLUMNS]
+        self.media = {n: batch.column(n).offsets.to_numpy() for n in MEDIA_COLUMNS}
 
 
 class TokenizedSamples(Mapping):
@@ -30,6 +41,8 @@ class TokenizedSamples(Mapping):
     def __init__(self, path: Path):
         self.path = path
         self.table = open_arrow(path, "tokenize")
+        self.batches = [_Batch(b) for b in self.table.to_batches()]
+        self.starts = np.cumsum([0] + [b.batch.num_rows for b in self.batches])
 
     def __getstate__(self) -> dict:  # DataLoader workers re-map the file instead of receiving a copy of it
         return {"path": self.path}
@@ -69,14 +82,22 @@ class TokenizedSamples(Mapping):
         """Row ``i`` as to_pylist() gives it."""
         return {name: self.table.column(name)[i].as_py() for name in self.table.column_names}
 
-    def meta(self, i: int) -> dict:
-        """Row ``i`` without its token columns (grids, media), as Python objects."""
-        names = [n for n in self.table.column_names if n not in TOKEN_COLUMNS]
-        return {name: self.table.column(name)[i].as_py() for name in names}
+    def _locate(self, i: int) -> tuple[_Batch, int]:
+        b = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.batches[b], i - int(self.starts[b])
+
+    def media(self, i: int) -> dict:
+        """Row ``i``'s MEDIA_COLUMNS (image paths, video keys, grids, seconds per grid), as Python objects."""
+        batch, j = self._locate(i)
+        return {
+            name: batch.batch.column(name)[j].as_py() if offsets[j + 1] > offsets[j] else []
+            for name, offsets in batch.media.items()
+        }
 
     def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Row ``i``'s input_ids and labels: read-only int32 views of the mapped file."""
-        return tuple(self.table.column(name)[i].values.to_numpy() for name in TOKEN_COLUMNS)
+        batch, j = self._locate(i)
+        return tuple(values[offsets[j] : offsets[j + 1]] for offsets, values in batch.tokens)
 
     def ids(self, rows: np.ndarray) -> list[str]:
         return self.table.column("sample_id").take(pa.array(rows, pa.int64())).to_pylist()
