@@ -118,6 +118,8 @@ class ValidateConfig(Section):
     min_image_side: int | None = None
     media_cache: str = ".cache/qvl/media.duckdb"
     workers: int = 0  # 0: one per core
+    # DuckDB's memory limit for the stage's queries (spilling to .cache/duckdb-tmp above it); any DuckDB size.
+    memory_limit: str = Field("4GB", pattern=r"(?i)^\d+(\.\d+)?\s*([KMGT]i?B|B)$")
 
 
 class DecodeConfig(Section):

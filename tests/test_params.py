@@ -42,3 +42,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("dataset_config: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_validate_memory_limit_is_a_duckdb_size():
+    assert parse_params({"validate": {"memory_limit": "512MiB"}}).validate_.memory_limit == "512MiB"
+    with pytest.raises(ConfigError, match="validate.memory_limit"):
+        parse_params({"validate": {"memory_limit": "lots"}})

@@ -3,7 +3,8 @@
 Recipe: read accepted samples, drop those whose video failed to decode (recorded as rejects) -> render and
 tokenise in parallel worker processes (render.py; a local pool, or Dask with orchestration.task_runner: dask)
 -> reject samples longer than packing_length (or stop, when filter_overlong is false) -> write
-data/tokenized/{samples,rejects}.parquet and metrics/tokenize.json.
+data/tokenized/{samples,rejects}.parquet, samples.arrow (the same rows as an uncompressed Arrow IPC file, which
+the trainer memory-maps) and metrics/tokenize.json.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from schemas.errors import PipelineError, StageInputError
 from schemas.params import Params
 from schemas.tables import TOKENIZE_REJECTS_SCHEMA, TOKENIZED_SCHEMA
+from stages.arrowfile import write_arrow
 from stages.executor import map_chunks
 from stages.io import atomic_dir, write_json
 
@@ -178,7 +180,9 @@ def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
     kept = table.filter(pc.invert(too_long))
     with atomic_dir(root / OUT_DIR) as tmp:
         vocab = {b"tokenizer_vocab_size": str(vocab_size).encode()}
-        pq.write_table(kept.replace_schema_metadata(vocab), tmp / "samples.parquet", compression="zstd")
+        kept = kept.replace_schema_metadata(vocab)
+        pq.write_table(kept, tmp / "samples.parquet", compression="zstd")
+        write_arrow(kept, tmp / "samples.arrow")  # the same rows, memory-mappable: what the trainer reads
         pq.write_table(pa.Table.from_pylist(rejects, schema=TOKENIZE_REJECTS_SCHEMA), tmp / "rejects.parquet")
     by_reason = dict(sorted(Counter(r["reason"] for r in rejects).items()))
     result = TokenizeResult(

@@ -64,15 +64,22 @@ def preflight(params: Params, root: Path, world: int) -> None:
     check_degree(sp_degree, world, model_config.text_config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # what the ranks will train on
     choose_attention(params.model_config_.attn_implementation, device, sp_degree, params.trainer_args.bf16)
-    for path in (PACKS, TOKENIZED):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from stages.arrowfile import open_arrow
+    from stages.train.samples import TOKENIZED_ARROW
+
+    for path in (PACKS, TOKENIZED, TOKENIZED_ARROW):
         if not (root / path).is_file():
             raise StageInputError(f"{root / path} not found: run `qvl tokenize` and `qvl pack` first")
-    tokenized = pq.read_table(root / TOKENIZED, columns=["sample_id", "input_ids", "video_keys"])
+    # The data checks run on Arrow columns (the token ids memory-mapped), never on Python lists of every sample.
+    tokenized = open_arrow(root / TOKENIZED_ARROW, "tokenize")
     vocab = (config.get("text_config") or config).get("vocab_size")
-    ids = tokenized.column("input_ids").combine_chunks().flatten()
-    if vocab and len(ids) and int(ids.to_numpy().max()) >= vocab:
+    top = pc.max(pc.list_flatten(tokenized.column("input_ids"))).as_py()
+    if vocab and top is not None and top >= vocab:
         raise StageInputError(
-            f"tokenized data holds token id {int(ids.to_numpy().max())} but the model's vocabulary "
+            f"tokenized data holds token id {top} but the model's vocabulary "
             f"has {vocab}: the processor does not match the tokenized data; re-run tokenize"
         )
     from transformers import AutoTokenizer
@@ -85,27 +92,32 @@ def preflight(params: Params, root: Path, world: int) -> None:
             f"the processor's tokenizer has {len(tokenizer)} tokens but the data was tokenized "
             f"with {int(expected)}: re-run tokenize with this processor"
         )
-    known = set(tokenized.column("sample_id").to_pylist())
-    packs = pq.read_table(root / PACKS).to_pylist()
-    missing = [s for p in packs for s in p["sample_ids"] if s not in known]
-    if missing:
+    packed = pq.read_table(root / PACKS, columns=["sample_ids"]).column("sample_ids")
+    in_packs = pc.list_flatten(packed)
+    missing = in_packs.filter(pc.invert(pc.is_in(in_packs, value_set=tokenized.column("sample_id").combine_chunks())))
+    if len(missing):
         raise StageInputError(
             f"{len(missing)} sample(s) in the packs are not in the tokenized data (e.g. "
-            f"{missing[0]}): re-run pack after tokenize"
+            f"{missing[0].as_py()}): re-run pack after tokenize"
         )
-    videos = {k for ks in tokenized.column("video_keys").to_pylist() for k in ks}
-    if videos:
+    videos = pc.unique(pc.list_flatten(tokenized.column("video_keys")))
+    if len(videos):
         index = root / "data/frames/index.parquet"
-        present = set(pq.read_table(index, columns=["video_key"]).column(0).to_pylist()) if index.is_file() else set()
-        if videos - present:
+        present = (
+            pq.read_table(index, columns=["video_key"]).column(0)
+            if index.is_file()
+            else pa.chunked_array([], pa.string())
+        )
+        absent = videos.filter(pc.invert(pc.is_in(videos, value_set=present.combine_chunks())))
+        if len(absent):
             raise StageInputError(
-                f"{len(videos - present)} video(s) of the tokenized data are missing from data/frames: re-run decode"
+                f"{len(absent)} video(s) of the tokenized data are missing from data/frames: re-run decode"
             )
     args = params.trainer_args
     data_parallel = world // sp_degree
-    if len(packs) < data_parallel * args.per_device_train_batch_size:
+    if len(packed) < data_parallel * args.per_device_train_batch_size:
         raise ConfigError(
-            f"{len(packs)} pack(s) cannot feed {data_parallel} data-parallel group(s) x per_device_train_batch_size "
+            f"{len(packed)} pack(s) cannot feed {data_parallel} data-parallel group(s) x per_device_train_batch_size "
             f"{args.per_device_train_batch_size}; use fewer processes or a smaller packing_length"
         )
     check_available(args.report_to)

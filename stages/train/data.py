@@ -12,14 +12,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 from stages.decode.shards import FrameStore
 from stages.tokenize.vision import VisionArgs
+from stages.train.samples import PACKS, TOKENIZED_ARROW, Packs, TokenizedSamples
 
 IGNORE = -100
+END_OF_SAMPLE = np.array([IGNORE], np.int32)  # the target of a sample's last token
 
 
 @dataclass
@@ -54,16 +55,15 @@ class Row:
 
 
 class RowBuilder:
-    """Builds rows from pack ids; holds the tokenized samples, the frame store and a meta-device rope model."""
+    """Builds rows from pack ids; holds the tokenized samples (memory-mapped, see samples.py), the packs' row
+    numbers, the frame store and a meta-device rope model."""
 
     def __init__(self, root: Path, processor, vision: VisionArgs, model_class: type, config):
         self.root = root
         self.processor = processor
         self.vision = vision
-        table = pq.read_table(root / "data/tokenized/samples.parquet").to_pylist()
-        self.samples = {s["sample_id"]: s for s in table}
-        packs = pq.read_table(root / "data/packed/packs.parquet").to_pylist()
-        self.packs = {p["pack_id"]: p["sample_ids"] for p in packs}
+        self.samples = TokenizedSamples(root / TOKENIZED_ARROW)
+        self.packs = Packs(root / PACKS, self.samples)
         frames = root / "data/frames"
         self.frames = FrameStore(frames) if (frames / "index.parquet").exists() else None
         with torch.device("meta"):  # get_rope_index reads only the config: no weights needed
@@ -125,21 +125,27 @@ class RowBuilder:
 
     def build(self, pack_ids: list[int], dummy: bool = False) -> Row:
         """Concatenate the packs' samples into one row; ``dummy`` rows carry no labels (idle ranks)."""
-        return self.build_samples([s for p in pack_ids for s in self.packs[p]], list(pack_ids), dummy)
+        rows = np.concatenate([self.packs.rows(p) for p in pack_ids] + [np.zeros(0, np.int64)])
+        return self._build_rows(rows, list(pack_ids), dummy)
 
     def build_samples(self, sample_ids: list[str], pack_ids: list[int] | None = None, dummy: bool = False) -> Row:
         """One row of the given samples, in order (``build`` for whole packs; tests and benchmarks for others)."""
-        pack_ids = pack_ids or []
+        return self._build_rows(self.samples.rows_of(sample_ids), pack_ids or [], dummy)
+
+    def _build_rows(self, rows: np.ndarray, pack_ids: list[int], dummy: bool) -> Row:
+        """One row of the tokenized rows ``rows``, in order; only these rows are read from the mapped file."""
         ids_parts, target_parts, pos_parts, images, videos = [], [], [], [], []
         image_grids, video_grids = [], []
-        for sample_id in sample_ids:
-            s = self.samples[sample_id]
-            ids = torch.tensor([s["input_ids"]], dtype=torch.long)
-            labels = s["labels"][1:] + [IGNORE]
-            target_parts.append(torch.tensor([labels], dtype=torch.long))
-            ids_parts.append(ids)
-            text_pos = torch.arange(ids.shape[1]).view(1, 1, -1)
-            pos_parts.append(torch.cat([text_pos, self._rope(s, ids)], dim=0))
+        for r in rows.tolist():
+            s = self.samples.media(r)
+            input_ids, labels = self.samples.tokens(r)  # int32 views of the mapped file
+            ids_parts.append(input_ids)
+            target_parts += [labels[1:], END_OF_SAMPLE]  # targets shifted inside the sample: none crosses into the next
+            if s["image_grid_thw"] or s["video_grid_thw"]:
+                ids = torch.from_numpy(input_ids.astype(np.int64)).view(1, -1)
+                pos_parts.append(torch.cat([torch.arange(ids.shape[1]).view(1, 1, -1), self._rope(s, ids)], dim=0))
+            else:  # text: the text position and the three M-RoPE rows are all 0..n-1
+                pos_parts.append(torch.arange(len(input_ids)).expand(4, 1, -1))
             images += [Image.open(self.root / p).convert("RGB") for p in s["image_paths"]]
             videos += [self.frames.get(k) for k in s["video_keys"]]
             image_grids += s["image_grid_thw"]
@@ -147,10 +153,10 @@ class RowBuilder:
         for kind, present in (("image", images), ("video", videos)):
             if not present:
                 segment = self.dummies[kind]
-                ids_parts.append(segment["ids"])
-                target_parts.append(torch.full_like(segment["ids"], IGNORE))
+                ids_parts.append(segment["ids"][0].numpy())
+                target_parts.append(np.full(segment["ids"].shape[1], IGNORE))
                 pos_parts.append(segment["positions"])
-        targets = torch.cat(target_parts, dim=1)
+        targets = torch.from_numpy(np.concatenate(target_parts).astype(np.int64)).view(1, -1)
         if dummy:
             targets.fill_(IGNORE)
         vision = {}
@@ -158,18 +164,20 @@ class RowBuilder:
             out = self.processor.image_processor(images=images, return_tensors="pt", **self.vision.images_kwargs())
             vision["pixel_values"], vision["image_grid_thw"] = out["pixel_values"], out["image_grid_thw"]
             if out["image_grid_thw"].tolist() != image_grids:
-                raise ValueError(f"samples {sample_ids}: image grids differ from the tokenized data; re-run tokenize")
+                names = self.samples.ids(rows)
+                raise ValueError(f"samples {names}: image grids differ from the tokenized data; re-run tokenize")
         if videos:
             kwargs = self.vision.videos_kwargs(videos)
             out = self.processor.video_processor(videos=[v.frames for v in videos], return_tensors="pt", **kwargs)
             vision["pixel_values_videos"], vision["video_grid_thw"] = out["pixel_values_videos"], out["video_grid_thw"]
             if out["video_grid_thw"].tolist() != video_grids:
-                raise ValueError(f"samples {sample_ids}: video grids differ from the tokenized data; re-run tokenize")
+                names = self.samples.ids(rows)
+                raise ValueError(f"samples {names}: video grids differ from the tokenized data; re-run tokenize")
         for kind, present in (("image", images), ("video", videos)):
             if not present:
                 vision.update(self.dummies[kind]["vision"])
         return Row(
-            torch.cat(ids_parts, dim=1),
+            torch.from_numpy(np.concatenate(ids_parts).astype(np.int64)).view(1, -1),
             targets,
             torch.cat(pos_parts, dim=2),
             int((targets != IGNORE).sum()),

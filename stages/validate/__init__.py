@@ -7,6 +7,7 @@ ends up either accepted or rejected with one reason code: input == accepted + re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from schemas.errors import PipelineError
 from schemas.params import Params
 from schemas.reasons import REASON_CODES
 from stages.families import family
@@ -29,6 +31,20 @@ OUT_DIR = Path("data/validated")
 MEDIA_STORE = Path("data/media")
 METRICS = Path("metrics/validate.json")
 SAMPLES_SORT = "ORDER BY source_order, row"
+SPILL_DIR = Path(".cache/duckdb-tmp")
+
+
+def connect(params: Params, root: Path) -> duckdb.DuckDBPyConnection:
+    """A bounded DuckDB: validate.memory_limit, spilling to .cache/duckdb-tmp above it, and no insertion order
+    kept (every output is written with an explicit ORDER BY, every list aggregate sorts its own items)."""
+    (root / SPILL_DIR).mkdir(parents=True, exist_ok=True)
+    return duckdb.connect(
+        config={
+            "memory_limit": params.validate_.memory_limit,
+            "temp_directory": str(root / SPILL_DIR),
+            "preserve_insertion_order": False,
+        }
+    )
 
 
 @dataclass
@@ -63,6 +79,19 @@ def _run_sql(con: duckdb.DuckDBPyConnection, name: str) -> None:
 
 def special_token_regex() -> str:
     return "|".join(re.escape(t) for t in SPECIAL_TOKENS)
+
+
+@contextlib.contextmanager
+def _memory_is_clear(limit: str):
+    """DuckDB running out of memory (after spilling what it can) becomes one PipelineError naming the setting."""
+    try:
+        yield
+    except duckdb.OutOfMemoryException as exc:
+        first = str(exc).splitlines()[0]
+        raise PipelineError(
+            f"validate needs more memory than validate.memory_limit {limit} (spilling to {SPILL_DIR}); "
+            f"raise validate.memory_limit ({first})"
+        ) from None
 
 
 def validate_into(con: duckdb.DuckDBPyConnection, params: Params, root: Path) -> None:
@@ -106,11 +135,11 @@ def validate_into(con: duckdb.DuckDBPyConnection, params: Params, root: Path) ->
 def run(params: Params, root: Path = Path(".")) -> ValidateResult:
     """Run the stage and write its outputs under ``root``."""
     start = time.perf_counter()
-    con = duckdb.connect()
-    with disk_full_is_clear(root / OUT_DIR):  # the media store and the probe cache (DuckDB) are written here too
+    con, limit = connect(params, root), params.validate_.memory_limit
+    with _memory_is_clear(limit), disk_full_is_clear(root / OUT_DIR):  # the media store and probe cache too
         validate_into(con, params, root)
     n_input = con.execute("SELECT count(*) FROM raw").fetchone()[0]
-    with atomic_dir(root / OUT_DIR) as tmp:
+    with _memory_is_clear(limit), atomic_dir(root / OUT_DIR) as tmp:
         for table in ("accepted", "rejects"):
             name = "samples.parquet" if table == "accepted" else "rejects.parquet"
             con.execute(

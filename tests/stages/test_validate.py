@@ -283,3 +283,19 @@ def test_full_disk_on_a_first_run_is_one_clear_line(small_fs, demo_dir):
     assert not (root / "data/validated").exists()
     leftovers = [p for p in root.rglob("*") if p.name.startswith((".part.", ".media.", ".validated.tmp"))]
     assert not leftovers
+
+
+def test_a_bounded_duckdb_writes_the_same_bytes_and_names_its_limit(project):
+    """validate.memory_limit bounds DuckDB (spilling to .cache/duckdb-tmp): the same outputs under a small limit;
+    a limit too small for the work is one PipelineError naming the setting."""
+    run(demo_params(), project)
+    names = ("samples.parquet", "rejects.parquet")
+    before = {n: (project / "data/validated" / n).read_bytes() for n in names}
+    small = demo_params()
+    small.validate_.memory_limit = "16MB"
+    run(small, project)
+    assert {n: (project / "data/validated" / n).read_bytes() for n in names} == before
+    assert (project / ".cache/duckdb-tmp").is_dir()
+    small.validate_.memory_limit = "1MB"
+    with pytest.raises(PipelineError, match="more memory than validate.memory_limit 1MB .*raise validate.memory_limit"):
+        run(small, project)

@@ -1,0 +1,123 @@
+"""The trainer reads the tokenized samples memory-mapped (data/tokenized/samples.arrow) and builds the same rows,
+bit for bit, as from Python lists of the Parquet file; DataLoader workers get the file's path, not its rows."""
+
+import pickle
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoConfig, AutoProcessor
+
+from schemas.errors import StageInputError
+from stages.families import family
+from stages.tokenize.vision import VisionArgs
+from stages.train.data import IGNORE, RowBuilder
+from stages.train.samples import PACKS, TOKENIZED_ARROW, Packs, TokenizedSamples
+from tests.conftest import pipeline_params
+
+
+def builder_of(packed_project) -> RowBuilder:
+    root, family_name, model_dir = packed_project
+    fam = family(family_name)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    vision = VisionArgs.for_processor(processor, pipeline_params(model_dir, family_name).dataset_config)
+    return RowBuilder(
+        root, processor, vision, fam.transformers_class(fam.model_class), AutoConfig.from_pretrained(model_dir)
+    )
+
+
+def test_the_arrow_file_holds_the_parquet_rows(packed_project):
+    root = packed_project[0]
+    parquet = pq.read_table(root / "data/tokenized/samples.parquet")
+    mapped = TokenizedSamples(root / TOKENIZED_ARROW)
+    assert mapped.table.equals(parquet)
+    assert mapped.table.schema.metadata == parquet.schema.metadata
+
+
+def test_rows_equal_the_rows_of_python_lists(packed_project):
+    root = packed_project[0]
+    builder = builder_of(packed_project)
+    tokenized = {s["sample_id"]: s for s in pq.read_table(root / "data/tokenized/samples.parquet").to_pylist()}
+    packs = pq.read_table(root / PACKS).to_pylist()
+    assert list(builder.packs) == [p["pack_id"] for p in packs]
+    for pack in packs:
+        assert builder.packs[pack["pack_id"]] == pack["sample_ids"]
+        ids = [t for s in pack["sample_ids"] for t in tokenized[s]["input_ids"]]
+        targets = [t for s in pack["sample_ids"] for t in tokenized[s]["labels"][1:] + [IGNORE]]
+        row = builder.build([pack["pack_id"]])
+        assert row.input_ids.dtype == row.targets.dtype == torch.long
+        assert row.input_ids[0, : len(ids)].tolist() == ids  # then the label-free dummy segments
+        assert row.targets[0, : len(ids)].tolist() == targets
+    for sample_id in list(tokenized)[:5]:
+        assert builder.samples[sample_id] == tokenized[sample_id]
+
+
+def test_workers_get_the_path_not_the_rows(packed_project):
+    builder = builder_of(packed_project)
+    assert len(pickle.dumps(builder.samples)) < 1000 < builder.samples.table.nbytes
+    copy = pickle.loads(pickle.dumps(builder))  # what a DataLoader worker receives
+    pack_id = next(iter(builder.packs))
+    a, b = builder.build([pack_id]), copy.build([pack_id])
+    for name in ("input_ids", "targets", "position_ids"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert a.vision.keys() == b.vision.keys() and all(torch.equal(a.vision[k], b.vision[k]) for k in a.vision)
+
+
+def test_a_packed_sample_missing_from_the_tokenized_data_is_named(packed_project, tmp_path):
+    root = packed_project[0]
+    packs = pq.read_table(root / PACKS)
+    lists = packs.column("sample_ids").to_pylist()
+    lists[0] = lists[0] + ["no-such-sample"]
+    pq.write_table(packs.set_column(1, "sample_ids", pa.array(lists, pa.list_(pa.string()))), tmp_path / "p.parquet")
+    with pytest.raises(StageInputError, match="1 sample.*no-such-sample.*re-run pack"):
+        Packs(tmp_path / "p.parquet", TokenizedSamples(root / TOKENIZED_ARROW))
+    with pytest.raises(StageInputError, match="samples.arrow not found: run `qvl tokenize`"):
+        TokenizedSamples(tmp_path / "samples.arrow")
+
+
+def test_preflight_names_data_that_does_not_match(packed_project, tmp_path):
+    """The data checks of `qvl train` (run on Arrow columns): packed ids, token ids, decoded videos, the file."""
+    from stages.arrowfile import write_arrow
+    from stages.train import preflight
+
+    source, family_name, model_dir = packed_project
+    params = pipeline_params(model_dir, family_name)
+    vocab = AutoConfig.from_pretrained(model_dir).text_config.vocab_size
+
+    def broken(name: str, change) -> Path:
+        root = tmp_path / name
+        shutil.copytree(source / "data", root / "data", ignore=shutil.ignore_patterns("demo"))
+        change(root)
+        return root
+
+    def extra_packed_id(root):
+        packs = pq.read_table(root / PACKS)
+        lists = packs.column("sample_ids").to_pylist()
+        lists[-1] = lists[-1] + ["no-such-sample"]
+        pq.write_table(packs.set_column(1, "sample_ids", pa.array(lists, pa.list_(pa.string()))), root / PACKS)
+
+    def token_past_vocab(root):
+        rows = TokenizedSamples(root / TOKENIZED_ARROW).table
+        ids = rows.column("input_ids").to_pylist()
+        ids[-1][-1] = vocab
+        fixed = rows.set_column(1, "input_ids", pa.array(ids, pa.list_(pa.int32())))
+        write_arrow(fixed, root / "fixed.arrow")
+        (root / "fixed.arrow").replace(root / TOKENIZED_ARROW)
+
+    def video_not_decoded(root):
+        index = root / "data/frames/index.parquet"
+        pq.write_table(pq.read_table(index).slice(1), index)
+
+    cases = {
+        "packs": (extra_packed_id, r"1 sample\(s\) in the packs are not in the tokenized data \(e.g. no-such-sample\)"),
+        "vocab": (token_past_vocab, f"tokenized data holds token id {vocab} but the model's vocabulary has {vocab}"),
+        "video": (video_not_decoded, r"1 video\(s\) of the tokenized data are missing from data/frames"),
+        "arrow": (lambda root: (root / TOKENIZED_ARROW).unlink(), "samples.arrow not found: run `qvl tokenize`"),
+    }
+    preflight(params, broken("good", lambda root: None), 2)
+    for name, (change, message) in cases.items():
+        with pytest.raises(StageInputError, match=message):
+            preflight(params, broken(name, change), 2)
