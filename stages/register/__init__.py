@@ -29,11 +29,20 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS checkpoints (
     params_hash VARCHAR, data_hashes JSON, git_commit VARCHAR, registered_at TIMESTAMP)"""
 
 
-def _git_commit(root: Path) -> str:
+# Tracked files a run itself rewrites (dvc.lock, the cache: false metrics and plots) or that the registry records
+# on its own (params.yaml, as the params hash; `dvc exp run -S` edits it by design): none of them makes the
+# code that ran differ from the commit, so none of them marks the commit `-dirty`.
+NOT_SOURCE = ("dvc.lock", "params.yaml", "metrics", "plots")
+
+
+def git_commit(root: Path) -> str:
+    """HEAD's commit, with `-dirty` when a tracked source file differs from it (NOT_SOURCE aside); "unknown"
+    outside a git checkout."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        excluded = [f":(exclude){path}" for path in NOT_SOURCE]
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded],
             cwd=root,
             capture_output=True,
             text=True,
@@ -84,7 +93,7 @@ def register(params: Params, root: Path = Path(".")) -> list[dict]:
     metrics = _read_json(root / "metrics/train.json")
     if speed := _read_json(root / "metrics/train_speed.json"):
         metrics["speed"] = speed
-    lineage = {"params_hash": params_hash(params), "data_hashes": data_hashes(root), "git_commit": _git_commit(root)}
+    lineage = {"params_hash": params_hash(params), "data_hashes": data_hashes(root), "git_commit": git_commit(root)}
     rows = []
     for ckpt in checkpoints:
         state = json.loads((ckpt / STATE_FILE).read_text())
