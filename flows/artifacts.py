@@ -9,7 +9,9 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from stages.register import data_hashes, read_registry
+from schemas.errors import PipelineError
+from schemas.params import Params
+from stages.register import data_hashes, newest_registered
 from stages.train.plot import fmt_loss, fmt_lr, loss_svg
 
 
@@ -111,8 +113,11 @@ def checkpoint_markdown(root: Path, latest: dict) -> str:
     )
 
 
-def registered_checkpoint(root: Path, registry_path: str) -> dict:
-    latest = read_registry(root / registry_path)[-1]
+def registered_checkpoint(root: Path, params: Params) -> dict:
+    """The artifact of the checkpoint the last training left (registered by the register stage just before)."""
+    latest = newest_registered(params, root)
+    if latest is None:
+        raise PipelineError("register finished but the newest checkpoint is not in the registry")
     create_markdown_artifact(
         key="registered-checkpoint",
         markdown=checkpoint_markdown(root, latest),

@@ -84,7 +84,8 @@ def _read_json(path: Path) -> dict:
 
 
 def register(params: Params, root: Path = Path(".")) -> list[dict]:
-    """Register every complete checkpoint of the configured run; returns the rows (new and existing)."""
+    """Register every complete checkpoint of the configured run; returns the run's rows in the registry (new and
+    existing), the newest checkpoint's last."""
     args = params.trainer_args
     run_dir = root / args.output_dir / args.run_name
     checkpoints = complete_checkpoints(run_dir)
@@ -97,7 +98,6 @@ def register(params: Params, root: Path = Path(".")) -> list[dict]:
     rows = []
     for ckpt in checkpoints:
         state = json.loads((ckpt / STATE_FILE).read_text())
-        content = hashlib.sha256((ckpt / STATE_FILE).read_bytes()).hexdigest()[:12]
         step_metrics = {
             **(state["history"][-1] if state.get("history") else {}),
             **(metrics if ckpt == checkpoints[-1] else {}),
@@ -106,7 +106,7 @@ def register(params: Params, root: Path = Path(".")) -> list[dict]:
         hf = run_dir / "hf"
         rows.append(
             {
-                "id": f"{args.run_name}@{state['step']}-{content}",
+                "id": checkpoint_id(args.run_name, ckpt),
                 "run": args.run_name,
                 "step": state["step"],
                 "path": str(ckpt.relative_to(root)),
@@ -135,9 +135,29 @@ def register(params: Params, root: Path = Path(".")) -> list[dict]:
                     datetime.now(UTC).replace(tzinfo=None),
                 ],
             )
-        return list_checkpoints(con, args.run_name)
+        registered = list_checkpoints(con, args.run_name)
     finally:
         con.close()
+    newest = rows[-1]["id"]
+    return [r for r in registered if r["id"] != newest] + [r for r in registered if r["id"] == newest]
+
+
+def checkpoint_id(run: str, ckpt: Path) -> str:
+    """``run@step-<hash of the checkpoint's trainer state>``: a retrained step gets a new id."""
+    state = (ckpt / STATE_FILE).read_bytes()
+    return f"{run}@{json.loads(state)['step']}-{hashlib.sha256(state).hexdigest()[:12]}"
+
+
+def newest_registered(params: Params, root: Path = Path(".")) -> dict | None:
+    """The registry row of the configured run's newest complete checkpoint (what the last training left), or None
+    when it is not registered. Not the row of the highest step: a run that started fresh (changed config) and
+    stopped at a lower step than an earlier one leaves the earlier rows in the registry."""
+    args = params.trainer_args
+    checkpoints = complete_checkpoints(root / args.output_dir / args.run_name)
+    if not checkpoints:
+        return None
+    wanted = checkpoint_id(args.run_name, checkpoints[-1])
+    return next((r for r in read_registry(root / params.registry.path) if r["id"] == wanted), None)
 
 
 JSON_COLUMNS = ("metrics", "data_hashes")
