@@ -103,11 +103,12 @@ def checkpoint_markdown(root: Path, latest: dict) -> str:
         f"| {stage} | {path} | `{md5}` |" for stage, outs in data_hashes(root).items() for path, md5 in outs.items()
     )
     metrics = "\n".join(_metric_rows(latest["metrics"]))
+    dirty = " (tracked source files differed from this commit)" if latest["git_commit"].endswith("-dirty") else ""
     return (
         f"## Checkpoint `{latest['id']}`\n\n- run: {latest['run']}, step {latest['step']}\n- path: "
         f"`{latest['path']}`, Hugging Face export: `{latest['hf_path']}`\n"
         f"- params hash: `{latest['params_hash']}`\n"
-        f"- git commit: `{latest['git_commit']}` (`-dirty`: tracked source files differed from it)\n\n"
+        f"- git commit of the code that ran: `{latest['git_commit']}`{dirty}\n\n"
         f"### Metrics\n\n| metric | value |\n|---|---:|\n{metrics}\n\n"
         f"### Lineage (dvc.lock after this run)\n\n| stage | output | md5 |\n|---|---|---|\n{lineage}\n"
     )

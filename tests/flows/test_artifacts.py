@@ -55,4 +55,5 @@ def test_checkpoint_artifact_has_a_metrics_table_and_this_runs_lineage(tmp_path)
     assert "| speed.tokens_per_s | 1235 |" in markdown
     assert "None" not in markdown and "null" not in markdown and "mfu" not in markdown and "{" not in markdown
     assert "| pack | data/packed | `new.dir` |" in markdown and "stale" not in markdown
+    assert "`c0ffee`" in markdown and "differed" not in markdown  # clean: no -dirty note
     assert not LONG_FLOAT.search(markdown) and json.dumps(latest["metrics"]) not in markdown
