@@ -132,6 +132,8 @@ def test_prefect_deployment_run_on_a_real_server_and_worker(clone, stack):
     } <= set(found)
     assert "demo@3-" in found["registered-checkpoint"] and "| pack | data/packed |" in found["registered-checkpoint"]
     assert float(found["training-progress"]) == 100.0
+    assert "](data:image/svg+xml;base64," in found["loss-curve"]  # the chart, as an image the UI's markdown shows
+    assert "| metric | value |" in found["registered-checkpoint"] and "null" not in found["registered-checkpoint"]
     from stages.register import read_registry
 
     assert [r["step"] for r in read_registry(clone / "registry/registry.duckdb")][-1] == 3
