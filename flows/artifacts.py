@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from stages.register import read_registry
+from schemas.errors import PipelineError
+from schemas.params import Params
+from stages.register import data_hashes, newest_registered
+from stages.train.plot import fmt_loss, fmt_lr, loss_svg
 
 
 def validation_table(root: Path) -> None:
     m = json.loads((root / "metrics/validate.json").read_text())
+    by_reason = json.loads((root / "metrics/validate_rejects.json").read_text())
     rows = [{"outcome": "accepted", "rows": m["accepted"]}]
-    rows += [{"outcome": f"rejected: {k}", "rows": v} for k, v in sorted(m["by_reason"].items(), key=lambda kv: -kv[1])]
+    rows += [{"outcome": f"rejected: {k}", "rows": v} for k, v in sorted(by_reason.items(), key=lambda kv: -kv[1])]
     create_table_artifact(
         key="validation-counts",
         table=rows,
@@ -34,36 +39,89 @@ def packing_summary(root: Path) -> None:
     )
 
 
-def loss_curve(root: Path) -> None:
+MAX_TABLE_ROWS = 20
+
+
+def _sampled(rows: list[dict], n: int = MAX_TABLE_ROWS) -> list[dict]:
+    """At most ``n`` rows, evenly spaced, the first and last included."""
+    if len(rows) <= n:
+        return rows
+    return [rows[round(i * (len(rows) - 1) / (n - 1))] for i in range(n)]
+
+
+def loss_markdown(root: Path) -> str:
+    """The loss chart (plots/train_loss.svg, written by the train stage, inlined as a data URI: the Prefect UI
+    renders a markdown image) and the steps as a table: loss to 4 significant digits, lr as 1.00e-04."""
     with open(root / "plots/train_loss.csv") as f:
-        rows = [
-            {
-                "step": int(r["step"]),
-                "loss": round(float(r["loss"]), 6),
-                "lr": float(r["lr"]),
-                "tokens": int(r["tokens"]),
-            }
-            for r in csv.DictReader(f)
-        ]
-    create_table_artifact(key="loss-curve", table=rows, description="training loss by step")
-
-
-def registered_checkpoint(root: Path, registry_path: str) -> dict:
-    rows = read_registry(root / registry_path)
-    latest = rows[-1]
-    hashes = latest["data_hashes"]
-    lineage = "\n".join(
-        f"| {stage} | {path} | `{md5}` |" for stage, outs in hashes.items() for path, md5 in outs.items()
+        history = list(csv.DictReader(f))
+    svg_file = root / "plots/train_loss.svg"
+    svg = svg_file.read_text() if svg_file.is_file() else loss_svg(history)
+    image = "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()
+    table = "\n".join(
+        f"| {r['step']} | {fmt_loss(float(r['loss']))} | {fmt_lr(float(r['lr']))} | {r['tokens']} |"
+        for r in _sampled(history)
     )
+    shown = "" if len(history) <= MAX_TABLE_ROWS else f" ({MAX_TABLE_ROWS} of {len(history)} steps)"
+    return (
+        f"## Training loss\n\n![training loss and learning rate by step]({image})\n\n"
+        f"| step | loss | lr | tokens |\n|---:|---:|---:|---:|\n{table}\n\n"
+        f"plots/train_loss.csv{shown}; the chart is plots/train_loss.svg\n"
+    )
+
+
+def loss_curve(root: Path) -> None:
+    with open(root / "metrics/train.json") as f:
+        final = json.load(f)
+    create_markdown_artifact(
+        key="loss-curve",
+        markdown=loss_markdown(root),
+        description=f"training loss {fmt_loss(final['final_loss'])} after {final['steps']} steps",
+    )
+
+
+def _metric_rows(metrics: dict, prefix: str = "") -> list[str]:
+    """Markdown table rows for a registry metrics dict: nested dicts flattened (speed.tokens_per_s), nulls and
+    long texts left out, floats to 4 significant digits, learning rates as 1.00e-04."""
+    rows = []
+    for key, value in metrics.items():
+        name = prefix + key
+        if isinstance(value, dict):
+            rows += _metric_rows(value, f"{name}.")
+        elif value is None or (isinstance(value, str) and len(value) > 40):
+            continue
+        elif isinstance(value, float):
+            rows.append(f"| {name} | {fmt_lr(value) if key == 'lr' else fmt_loss(value)} |")
+        else:
+            rows.append(f"| {name} | {value} |")
+    return rows
+
+
+def checkpoint_markdown(root: Path, latest: dict) -> str:
+    """The registered checkpoint: what it is, its metrics as a table, the code that ran, and this run's lineage
+    (the output hashes in dvc.lock as it stands after register, i.e. what this run produced or reused)."""
+    lineage = "\n".join(
+        f"| {stage} | {path} | `{md5}` |" for stage, outs in data_hashes(root).items() for path, md5 in outs.items()
+    )
+    metrics = "\n".join(_metric_rows(latest["metrics"]))
+    dirty = " (tracked source files differed from this commit)" if latest["git_commit"].endswith("-dirty") else ""
+    return (
+        f"## Checkpoint `{latest['id']}`\n\n- run: {latest['run']}, step {latest['step']}\n- path: "
+        f"`{latest['path']}`, Hugging Face export: `{latest['hf_path']}`\n"
+        f"- params hash: `{latest['params_hash']}`\n"
+        f"- git commit of the code that ran: `{latest['git_commit']}`{dirty}\n\n"
+        f"### Metrics\n\n| metric | value |\n|---|---:|\n{metrics}\n\n"
+        f"### Lineage (dvc.lock after this run)\n\n| stage | output | md5 |\n|---|---|---|\n{lineage}\n"
+    )
+
+
+def registered_checkpoint(root: Path, params: Params) -> dict:
+    """The artifact of the checkpoint the last training left (registered by the register stage just before)."""
+    latest = newest_registered(params, root)
+    if latest is None:
+        raise PipelineError("register finished but the newest checkpoint is not in the registry")
     create_markdown_artifact(
         key="registered-checkpoint",
-        markdown=(
-            f"## Checkpoint `{latest['id']}`\n\n- run: {latest['run']}, step {latest['step']}\n- path: "
-            f"`{latest['path']}`, Hugging Face export: `{latest['hf_path']}`\n"
-            f"- params hash: `{latest['params_hash']}`\n"
-            f"- git commit: `{latest['git_commit']}`\n- metrics: `{json.dumps(latest['metrics'])}`\n\n"
-            f"| stage | output | md5 |\n|---|---|---|\n{lineage}\n"
-        ),
+        markdown=checkpoint_markdown(root, latest),
         description=f"registered {latest['id']}",
     )
     return latest

@@ -123,4 +123,4 @@ def qwen_vl_pipeline(project_dir: str = str(PROJECT)) -> dict:
         stage("train", train_stage, project_dir)
     artifacts.loss_curve(root)
     stage("register", compute_stage, "register", project_dir)
-    return artifacts.registered_checkpoint(root, params.registry.path)
+    return artifacts.registered_checkpoint(root, params)

@@ -48,3 +48,20 @@ def test_validate_memory_limit_is_a_duckdb_size():
     assert parse_params({"validate": {"memory_limit": "512MiB"}}).validate_.memory_limit == "512MiB"
     with pytest.raises(ConfigError, match="validate.memory_limit"):
         parse_params({"validate": {"memory_limit": "lots"}})
+
+
+def test_params_yaml_is_in_the_style_dvc_writes_back(tmp_path):
+    """`dvc exp run -S trainer_args.learning_rate=2e-4` rewrites params.yaml through DVC's own YAML round trip:
+    the committed file is already in that style, so the experiment's diff is the one changed line."""
+    import difflib
+    import shutil
+
+    from dvc.utils.hydra import apply_overrides
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    apply_overrides(str(tmp_path / "params.yaml"), ["trainer_args.learning_rate=2e-4"])
+    before = (REPO / "params.yaml").read_text().splitlines()
+    after = (tmp_path / "params.yaml").read_text().splitlines()
+    diff = difflib.unified_diff(before, after, n=0, lineterm="")
+    changed = [line for line in diff if not line.startswith(("---", "+++", "@@"))]
+    assert changed == ["-  learning_rate: 0.0001", "+  learning_rate: 0.0002"], changed

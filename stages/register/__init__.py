@@ -29,11 +29,20 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS checkpoints (
     params_hash VARCHAR, data_hashes JSON, git_commit VARCHAR, registered_at TIMESTAMP)"""
 
 
-def _git_commit(root: Path) -> str:
+# Tracked files a run itself rewrites (dvc.lock, the cache: false metrics and plots) or that the registry records
+# on its own (params.yaml, as the params hash; `dvc exp run -S` edits it by design): none of them makes the
+# code that ran differ from the commit, so none of them marks the commit `-dirty`.
+NOT_SOURCE = ("dvc.lock", "params.yaml", "metrics", "plots")
+
+
+def git_commit(root: Path) -> str:
+    """HEAD's commit, with `-dirty` when a tracked source file differs from it (NOT_SOURCE aside); "unknown"
+    outside a git checkout."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        excluded = [f":(exclude){path}" for path in NOT_SOURCE]
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded],
             cwd=root,
             capture_output=True,
             text=True,
@@ -75,7 +84,8 @@ def _read_json(path: Path) -> dict:
 
 
 def register(params: Params, root: Path = Path(".")) -> list[dict]:
-    """Register every complete checkpoint of the configured run; returns the rows (new and existing)."""
+    """Register every complete checkpoint of the configured run; returns the run's rows in the registry (new and
+    existing), the newest checkpoint's last."""
     args = params.trainer_args
     run_dir = root / args.output_dir / args.run_name
     checkpoints = complete_checkpoints(run_dir)
@@ -84,11 +94,10 @@ def register(params: Params, root: Path = Path(".")) -> list[dict]:
     metrics = _read_json(root / "metrics/train.json")
     if speed := _read_json(root / "metrics/train_speed.json"):
         metrics["speed"] = speed
-    lineage = {"params_hash": params_hash(params), "data_hashes": data_hashes(root), "git_commit": _git_commit(root)}
+    lineage = {"params_hash": params_hash(params), "data_hashes": data_hashes(root), "git_commit": git_commit(root)}
     rows = []
     for ckpt in checkpoints:
         state = json.loads((ckpt / STATE_FILE).read_text())
-        content = hashlib.sha256((ckpt / STATE_FILE).read_bytes()).hexdigest()[:12]
         step_metrics = {
             **(state["history"][-1] if state.get("history") else {}),
             **(metrics if ckpt == checkpoints[-1] else {}),
@@ -97,7 +106,7 @@ def register(params: Params, root: Path = Path(".")) -> list[dict]:
         hf = run_dir / "hf"
         rows.append(
             {
-                "id": f"{args.run_name}@{state['step']}-{content}",
+                "id": checkpoint_id(args.run_name, ckpt),
                 "run": args.run_name,
                 "step": state["step"],
                 "path": str(ckpt.relative_to(root)),
@@ -126,9 +135,29 @@ def register(params: Params, root: Path = Path(".")) -> list[dict]:
                     datetime.now(UTC).replace(tzinfo=None),
                 ],
             )
-        return list_checkpoints(con, args.run_name)
+        registered = list_checkpoints(con, args.run_name)
     finally:
         con.close()
+    newest = rows[-1]["id"]
+    return [r for r in registered if r["id"] != newest] + [r for r in registered if r["id"] == newest]
+
+
+def checkpoint_id(run: str, ckpt: Path) -> str:
+    """``run@step-<hash of the checkpoint's trainer state>``: a retrained step gets a new id."""
+    state = (ckpt / STATE_FILE).read_bytes()
+    return f"{run}@{json.loads(state)['step']}-{hashlib.sha256(state).hexdigest()[:12]}"
+
+
+def newest_registered(params: Params, root: Path = Path(".")) -> dict | None:
+    """The registry row of the configured run's newest complete checkpoint (what the last training left), or None
+    when it is not registered. Not the row of the highest step: a run that started fresh (changed config) and
+    stopped at a lower step than an earlier one leaves the earlier rows in the registry."""
+    args = params.trainer_args
+    checkpoints = complete_checkpoints(root / args.output_dir / args.run_name)
+    if not checkpoints:
+        return None
+    wanted = checkpoint_id(args.run_name, checkpoints[-1])
+    return next((r for r in read_registry(root / params.registry.path) if r["id"] == wanted), None)
 
 
 JSON_COLUMNS = ("metrics", "data_hashes")

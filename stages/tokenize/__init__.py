@@ -31,6 +31,7 @@ SAMPLES = Path("data/validated/samples.parquet")
 FRAMES = Path("data/frames")
 OUT_DIR = Path("data/tokenized")
 METRICS = Path("metrics/tokenize.json")
+REJECTS = Path("metrics/tokenize_rejects.json")  # counts by reason: a table of its own, not DVC metrics
 CHUNK = 256
 
 _renderer = None  # one per worker process
@@ -89,7 +90,7 @@ class TokenizeResult:
     seconds: float
 
     def metrics(self) -> dict:
-        return {k: v for k, v in vars(self).items() if k != "seconds"}
+        return {k: v for k, v in vars(self).items() if k not in ("seconds", "by_reason")}
 
 
 def _read_inputs(root: Path, params: Params) -> tuple[list[dict], dict[str, dict], dict]:
@@ -197,4 +198,5 @@ def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
     if result.tokenized + result.rejected != result.input:
         raise AssertionError(f"tokenize lost samples: {result.input} != {result.tokenized} + {result.rejected}")
     write_json(root / METRICS, result.metrics())
+    write_json(root / REJECTS, result.by_reason)
     return result

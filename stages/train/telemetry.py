@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from stages.train.plot import loss_svg
+
 MFU_CONVENTION = (
     "6*N_lm*tokens + 6*N_lm_head*label_positions + 12*layers*heads*head_dim*sum(len^2); vision 6*N_vision*patches; "
     "dense bf16 peak; warm-up step excluded"
@@ -118,9 +120,9 @@ def speed(
 
 
 def write_outputs(root: Path, history: list[dict], summary: dict, speed_figures: dict) -> None:
-    """metrics/train.json, plots/train_loss.csv and metrics/train_speed.json, each written to a temp file and
-    renamed. The first two are train-stage outputs (hashed into dvc.lock); the speed file is a top-level DVC metric,
-    shown by `dvc metrics show` but never hashed."""
+    """metrics/train.json, plots/train_loss.csv, plots/train_loss.svg and metrics/train_speed.json, each written to a
+    temp file and renamed. The first three are train-stage outputs (hashed into dvc.lock); the speed file is a
+    top-level DVC metric, shown by `dvc metrics show` but never hashed."""
     for path in (root / "metrics", root / "plots"):
         path.mkdir(parents=True, exist_ok=True)
     for name, data in (("train.json", summary), ("train_speed.json", speed_figures)):
@@ -133,3 +135,6 @@ def write_outputs(root: Path, history: list[dict], summary: dict, speed_figures:
         writer.writeheader()
         writer.writerows({k: h[k] for k in writer.fieldnames} for h in history)
     os.replace(tmp, root / "plots" / "train_loss.csv")
+    tmp = root / "plots" / ".train_loss.svg.tmp"
+    tmp.write_text(loss_svg(history))
+    os.replace(tmp, root / "plots" / "train_loss.svg")

@@ -154,5 +154,7 @@ def run(params: Params, root: Path = Path(".")) -> ValidateResult:
     result = ValidateResult(
         n_input, accepted, rejected, by_reason.get("duplicate", 0), by_reason, time.perf_counter() - start
     )
-    write_json(root / METRICS, result.metrics())
+    # Counts by reason are a table of their own (not DVC metrics: `dvc metrics show` stays a few columns).
+    write_json(root / METRICS, {k: v for k, v in result.metrics().items() if k != "by_reason"})
+    write_json(root / "metrics/validate_rejects.json", by_reason)
     return result

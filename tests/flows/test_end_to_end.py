@@ -2,6 +2,7 @@
 ephemeral Prefect), then `dvc repro`; then a real Prefect server, process work pool, worker and deployment: a
 watched run read back through the API (task runs, artifacts), a retried stage, and a cancel during training."""
 
+import json
 import re
 import sys
 import time
@@ -80,6 +81,8 @@ def test_qvl_run_end_to_end_then_nothing_then_only_what_changed(clone, tmp_path)
     here = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
     for name in ("validate", "decode", "tokenize", "pack"):
         assert here[name] == committed[name], f"{name}: dvc.lock differs from the committed one"
+    data_metrics = [f"metrics/{n}.json" for n in ("validate", "validate_rejects", "decode", "tokenize", "pack")]
+    assert not sh("git", "status", "--porcelain", "--", *data_metrics, cwd=clone).stdout  # git-tracked, same bytes
     from stages.register import read_registry
 
     rows = read_registry(clone / "registry/registry.duckdb")
@@ -129,6 +132,8 @@ def test_prefect_deployment_run_on_a_real_server_and_worker(clone, stack):
     } <= set(found)
     assert "demo@3-" in found["registered-checkpoint"] and "| pack | data/packed |" in found["registered-checkpoint"]
     assert float(found["training-progress"]) == 100.0
+    assert "](data:image/svg+xml;base64," in found["loss-curve"]  # the chart, as an image the UI's markdown shows
+    assert "| metric | value |" in found["registered-checkpoint"] and "null" not in found["registered-checkpoint"]
     from stages.register import read_registry
 
     assert [r["step"] for r in read_registry(clone / "registry/registry.duckdb")][-1] == 3
@@ -195,3 +200,23 @@ def test_cancel_during_training_stops_every_rank_then_the_next_run_resumes(clone
     edit_params(clone, trainer_args={"max_steps": step + 1})
     resumed = sh(sys.executable, "-m", "stages.cli", "train", cwd=clone)
     assert f"resumed from {newest} at step {step}" in resumed.stdout + resumed.stderr
+
+
+def test_dvc_experiment_compares_with_the_committed_run(clone):
+    """`dvc exp run -S trainer_args.learning_rate=2e-4` (one step here) then `dvc exp show`: the workspace, the
+    committed baseline and the experiment each show final loss and packing efficiency as numbers (the metrics
+    files are git-tracked, so the baseline commit and the experiment's commit hold them)."""
+    sh("git", "checkout", "--", "params.yaml", cwd=clone)  # the committed params, whatever earlier tests changed
+    overrides = ("trainer_args.learning_rate=2e-4", "trainer_args.max_steps=1", "trainer_args.save_steps=1")
+    sh(sys.executable, "-m", "dvc", "exp", "run", *(a for o in overrides for a in ("-S", o)), cwd=clone)
+    rows = json.loads(sh(sys.executable, "-m", "dvc", "exp", "show", "--json", cwd=clone).stdout)
+    workspace, baseline = rows  # the workspace, then the baseline commit with its experiments
+    experiments = [e["revs"][0] for e in baseline.get("experiments") or []]
+    assert workspace["rev"] == "workspace" and len(experiments) == 1, rows
+    for row in (workspace, baseline, experiments[0]):
+        metrics = row["data"]["metrics"]
+        loss = metrics["metrics/train.json"].get("data", {}).get("final_loss")  # {"error": ...} when not in git
+        efficiency = metrics["metrics/pack.json"].get("data", {}).get("efficiency")
+        assert isinstance(loss, float) and isinstance(efficiency, float), (row["rev"], metrics)
+    params = experiments[0]["data"]["params"]["params.yaml"]["data"]
+    assert params["trainer_args"]["learning_rate"] == 2e-4

@@ -29,6 +29,8 @@ def test_counts_reconcile_with_validate_and_decode(tokenized_project):
     decode_rejects = pq.read_table(root / "data/frames/rejects.parquet").to_pylist()
     assert result["input"] == accepted
     assert result["tokenized"] + result["rejected"] == accepted
+    by_reason = json.loads((root / "metrics/tokenize_rejects.json").read_text())  # not in the metrics file
+    assert "by_reason" not in result and sum(by_reason.values()) == result["rejected"]
     rejects = pq.read_table(root / "data/tokenized/rejects.parquet").to_pylist()
     video_rejects = [r for r in rejects if r["reason"] != "overlong"]
     assert {r["sample_id"] for r in video_rejects} == {s for r in decode_rejects for s in r["sample_ids"]}

@@ -1,0 +1,59 @@
+"""What the Prefect artifacts show a person: the loss chart (the train stage's SVG, inlined as a markdown image the
+UI renders) with a rounded table, and the checkpoint's metrics table and this run's lineage."""
+
+import base64
+import json
+import re
+
+import yaml
+
+from flows.artifacts import checkpoint_markdown, loss_markdown
+from stages.train.plot import loss_svg
+from stages.train.telemetry import write_outputs
+
+HISTORY = [
+    {"step": s, "loss": 2.0 / s + 0.000123456789, "lr": 1e-4 * s / 30, "tokens": 100, "label_tokens": 40}
+    for s in range(1, 31)
+]
+LONG_FLOAT = re.compile(r"\d\.0*[1-9]\d{4,}")  # more than 4 significant digits: 0.00009045084971874738
+
+
+def test_loss_chart_is_the_train_stages_svg_inlined_with_a_rounded_table(tmp_path):
+    write_outputs(tmp_path, HISTORY, {"final_loss": HISTORY[-1]["loss"], "steps": 30}, {})
+    svg = (tmp_path / "plots/train_loss.svg").read_text()
+    assert svg == loss_svg(HISTORY) and svg.startswith("<svg") and svg.count("<circle") == 30
+    markdown = loss_markdown(tmp_path)
+    uri = re.search(r"!\[[^\]]*\]\(data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)\)", markdown)
+    assert uri and base64.b64decode(uri.group(1)).decode() == svg  # the same chart as the file DVC shows
+    rows = [r for r in markdown.splitlines() if re.match(r"\| \d+ \|", r)]
+    assert len(rows) == 20 and rows[0].startswith("| 1 |") and rows[-1].startswith("| 30 |")  # sampled, ends kept
+    assert rows[0] == "| 1 | 2 | 3.33e-06 | 100 |" and rows[-1] == "| 30 | 0.06679 | 1.00e-04 | 100 |"
+    assert not LONG_FLOAT.search(markdown.split("](data:")[0] + markdown.split(")", 1)[1])
+
+
+def test_checkpoint_artifact_has_a_metrics_table_and_this_runs_lineage(tmp_path):
+    lock = {"stages": {"pack": {"outs": [{"path": "data/packed", "md5": "new.dir"}]}, "register": {"cmd": "x"}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    latest = {
+        "id": "demo@2-abc",
+        "run": "demo",
+        "step": 2,
+        "path": "output/demo/checkpoint-2",
+        "hf_path": "output/demo/hf",
+        "params_hash": "p",
+        "git_commit": "c0ffee",
+        "data_hashes": {"pack": {"data/packed": "stale.dir"}},
+        "metrics": {
+            "loss": 1.234567891,
+            "lr": 0.00009045084971874738,
+            "steps": 2,
+            "speed": {"tokens_per_s": 1234.56789, "mfu": None, "mfu_convention": "6*N_lm*tokens + " * 5},
+        },
+    }
+    markdown = checkpoint_markdown(tmp_path, latest)
+    assert "| loss | 1.235 |" in markdown and "| lr | 9.05e-05 |" in markdown and "| steps | 2 |" in markdown
+    assert "| speed.tokens_per_s | 1235 |" in markdown
+    assert "None" not in markdown and "null" not in markdown and "mfu" not in markdown and "{" not in markdown
+    assert "| pack | data/packed | `new.dir` |" in markdown and "stale" not in markdown
+    assert "`c0ffee`" in markdown and "differed" not in markdown  # clean: no -dirty note
+    assert not LONG_FLOAT.search(markdown) and json.dumps(latest["metrics"]) not in markdown
