@@ -3,11 +3,14 @@ servers and workers (a Prefect server, Prefect workers, a Dask scheduler and its
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, built_once
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -29,13 +32,22 @@ def sh(*cmd, cwd, env=None, timeout=900) -> subprocess.CompletedProcess:
     return proc
 
 
-def clone_project(root: Path, **trainer_args) -> Path:
-    """A fresh git clone of the committed project at ``root`` with the demo data and tiny models; the given
-    trainer_args override params.yaml (e.g. max_steps=2, save_steps=1 to keep training short)."""
+def _demo_clone() -> Path:
+    """A git clone of the committed project after `qvl setup-demo`, made once per test process (removed at exit)."""
+    root = Path(tempfile.mkdtemp(prefix="qvl-demo-clone-")) / "project"
+    atexit.register(shutil.rmtree, root.parent, ignore_errors=True)
     sh("git", "clone", "-q", str(REPO), str(root), cwd=REPO)
     sh("git", "config", "user.email", "ci@example.invalid", cwd=root)
     sh("git", "config", "user.name", "ci", cwd=root)
     sh(sys.executable, "-m", "stages.cli", "setup-demo", cwd=root)
+    return root
+
+
+def clone_project(root: Path, **trainer_args) -> Path:
+    """A fresh git clone of the committed project at ``root`` with the demo data and tiny models (a copy of one
+    made once per test process: `qvl setup-demo` costs ~14 s of CPU); the given trainer_args override params.yaml
+    (e.g. max_steps=2, save_steps=1 to keep training short)."""
+    shutil.copytree(built_once("demo-clone", _demo_clone), root, symlinks=True)
     if trainer_args:
         edit_params(root, trainer_args=trainer_args)
     return root

@@ -14,8 +14,7 @@ import pytest
 import yaml
 
 from stages.io import HOLD_BEFORE_PUBLISH
-from tests.conftest import REPO
-from tests.flows.helpers import ENV, sh
+from tests.flows.helpers import ENV, clone_project, sh
 
 pytestmark = pytest.mark.slow
 DATA_STAGES = ["validate", "decode", "tokenize", "pack"]
@@ -40,9 +39,7 @@ def visible_outputs_complete(root) -> None:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kill") / "project"
-    sh("git", "clone", "-q", str(REPO), str(root), cwd=REPO)
-    sh(sys.executable, "-m", "stages.cli", "setup-demo", cwd=root)
+    root = clone_project(tmp_path_factory.mktemp("kill") / "project")
     sh(sys.executable, "-m", "dvc", "repro", "pack", cwd=root)
     return root, lock_hashes(root)
 
