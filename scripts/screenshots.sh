@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Refresh the pictures in docs/: a real Prefect server on loopback (its own PREFECT_HOME in a temp dir), a process
-# work pool, the pipeline deployed as `qwen_vl_pipeline/demo` from a temp clone of this checkout (so the checkout's
-# data/, dvc.lock and metrics are untouched; it holds the committed HEAD, not uncommitted edits), a worker, `prefect deployment run ... --watch`, then headless Chromium
-# (Debian's `chromium`) on the flow-run page, the loss-curve artifact page and the `dvc plots show` page.
+# work pool, the pipeline deployed as `qwen_vl_pipeline/demo` from a temp clone of this checkout's committed HEAD
+# (so the checkout's data/, dvc.lock and metrics are untouched; uncommitted edits are not in it), a worker,
+# `prefect deployment run ... --watch`, then headless Chromium (Debian's `chromium`) on the flow-run page, the
+# loss-curve artifact page and the `dvc plots show` page.
 # Writes docs/prefect_flow_run.png, docs/prefect_loss_curve.png and docs/dvc_plots.png.
 # A docs tool, not tested: run it and look at the pictures. Usage: bash scripts/screenshots.sh
 set -euo pipefail
