@@ -10,7 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 bin=$repo/.venv/bin
-command -v chromium >/dev/null || { echo "screenshots.sh needs Debian's chromium (apt-get install chromium)" >&2; exit 1; }
+if ! command -v chromium >/dev/null; then
+    echo "screenshots.sh needs Debian's chromium (apt-get install chromium)" >&2
+    exit 1
+fi
 export PATH="$bin:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 
 tmp=$(mktemp -d)
