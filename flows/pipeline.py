@@ -22,18 +22,21 @@ from prefect.states import Cancelled, Completed, State
 from flows import artifacts, dvc_remote
 from flows.stage_runner import StageFailed, StagePlan, run_stage
 from schemas.params import load_params
+from stages.register import newest_registered
 
 PROJECT = Path(__file__).resolve().parent.parent
 STEP = re.compile(r"^step (\d+)/(\d+) loss")
 
 
-def _stage(stage: str, project_dir: str, on_line: Callable[[str], None] | None = None) -> State | None:
+def _stage(
+    stage: str, project_dir: str, on_line: Callable[[str], None] | None = None, force: bool = False
+) -> State | None:
     """Run ``stage`` through DVC; a flow-run cancellation (Prefect's SIGTERM, after the worker told this process
     it means "cancel") ends the task Cancelled instead of Crashed, once run_stage has stopped the stage's processes.
     The flow re-raises the signal (see `qwen_vl_pipeline`) so that Prefect finishes cancelling the flow run."""
     logger = get_run_logger()
     try:
-        run_stage(stage, Path(project_dir), logger.info, on_line, warn=logger.warning)
+        run_stage(stage, Path(project_dir), logger.info, on_line, warn=logger.warning, force=force)
     except TerminationSignal:
         if get_intent() != "cancel":
             raise
@@ -49,8 +52,8 @@ def io_stage(stage: str, project_dir: str) -> State | None:
 
 
 @task(task_run_name="{stage}")
-def compute_stage(stage: str, project_dir: str) -> State | None:
-    return _stage(stage, project_dir)
+def compute_stage(stage: str, project_dir: str, force: bool = False) -> State | None:
+    return _stage(stage, project_dir, force=force)
 
 
 @task(task_run_name="{stage}")
@@ -104,8 +107,9 @@ def qwen_vl_pipeline(project_dir: str = str(PROJECT)) -> dict:
     params = load_params(root / "params.yaml")
     plan = StagePlan(root)
 
-    def stage(name: str, task_fn, *args) -> None:
-        state = task_fn(*args, return_state=True) if plan.needs_run(name) else skipped_stage(name, return_state=True)
+    def stage(name: str, task_fn, *args, force: bool = False) -> None:
+        run = plan.needs_run(name) or force
+        state = task_fn(*args, return_state=True) if run else skipped_stage(name, return_state=True)
         if state.is_cancelled():  # the task caught the cancellation signal: the flow run is cancelled too
             raise TerminationSignal(signal.SIGTERM)
         state.result()  # a failed stage raises its error here
@@ -122,5 +126,9 @@ def qwen_vl_pipeline(project_dir: str = str(PROJECT)) -> dict:
     else:
         stage("train", train_stage, project_dir)
     artifacts.loss_curve(root)
-    stage("register", compute_stage, "register", project_dir)
+    # The registry is this machine's log, which DVC does not hash: where register's inputs match dvc.lock (a fresh
+    # clone reproducing a committed run bit for bit) DVC would skip it, so it is forced while the registry here
+    # lacks the checkpoint the training left.
+    missing = newest_registered(params, root) is None
+    stage("register", compute_stage, "register", project_dir, missing, force=missing)
     return artifacts.registered_checkpoint(root, params)

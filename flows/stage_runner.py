@@ -122,13 +122,15 @@ def run_stage(
     log: Callable[[str], None],
     on_line: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> None:
-    """`dvc repro --single-item <stage>`: each non-blank line goes to ``on_line`` and, unless it is DVC's git
-    advice, to ``log`` (warnings to ``warn`` where given); a non-zero exit raises StageFailed. However the call
-    ends (an exception, Prefect's cancellation signal), the stage's process group is stopped (SIGTERM, then
-    SIGKILL after 20 s): `qvl train` passes the SIGTERM on to torchrun's group, which stops every rank."""
+    """`dvc repro --single-item <stage>` (with ``--force`` if ``force``): each non-blank line goes to ``on_line``
+    and, unless it is DVC's git advice, to ``log`` (warnings to ``warn`` where given); a non-zero exit raises
+    StageFailed. However the call ends (an exception, Prefect's cancellation signal), the stage's process group
+    is stopped (SIGTERM, then SIGKILL after 20 s): `qvl train` passes the SIGTERM on to torchrun's group, which
+    stops every rank."""
     heal_dvc_state(project_dir)
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **_prefect_api_env()}
     proc = subprocess.Popen(
         cmd,
