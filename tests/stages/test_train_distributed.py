@@ -105,7 +105,7 @@ def wait_until(condition, seconds: float, what: str) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def reference(packed_project):
     """World size 2, accumulation 1, four steps (one epoch is three steps of two packs); the metrics, speed figures
     and loss plot are read right after this run, before another run rewrites them."""
