@@ -74,17 +74,15 @@ def row_builder(params, root: Path, packs: int) -> dict:
     from transformers import AutoConfig, AutoProcessor
 
     from stages.families import family
-    from stages.tokenize.vision import VisionArgs
     from stages.train.data import RowBuilder
 
     model_dir = params.model_config_.load_from_pretrained_path
     fam = family(params.dataset_config.processor_config.processor_type)
     processor = AutoProcessor.from_pretrained(model_dir)
-    vision = VisionArgs.for_processor(processor, params.dataset_config)
     config = AutoConfig.from_pretrained(model_dir)
     before = rss_mb()
     started = time.perf_counter()
-    builder = RowBuilder(root, processor, vision, fam.transformers_class(fam.model_class), config)
+    builder = RowBuilder.for_family(root, processor, params.dataset_config, fam, config)
     startup = time.perf_counter() - started
     after_startup = rss_mb()
     ids = list(builder.packs)[:packs]

@@ -113,7 +113,6 @@ class Trainer:
     def __init__(self, root: Path, setup: Setup, device: torch.device, mem_cap_tokens: int):
         from transformers import AutoProcessor
 
-        from stages.tokenize.vision import VisionArgs
         from stages.train.sequence_parallel import build_layout, check_degree, shard_text_model_inputs
 
         self.setup, self.device = setup, device
@@ -141,8 +140,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, args, fam, device)
         processor = AutoProcessor.from_pretrained(params.dataset_config.processor_config.processor_name)
         self.pad_id = processor.tokenizer.pad_token_id or 0
-        vision = VisionArgs.for_processor(processor, params.dataset_config)
-        self.builder = RowBuilder(root, processor, vision, cls, self.model.config)
+        self.builder = RowBuilder.for_family(root, processor, params.dataset_config, fam, self.model.config)
         self.size = 0  # tokens of the micro-batch in flight (the "at" of an OOM)
 
     def batches(self, sample_ids: list[str], budget: int) -> list:

@@ -44,23 +44,15 @@ def builder_throughput(root: Path) -> dict:
     from transformers import AutoProcessor
 
     from stages.families import family
-    from stages.tokenize.vision import VisionArgs
     from stages.train.data import RowBuilder
 
     params = load_workspace_params(root)
     fam = family(params.dataset_config.processor_config.processor_type)
     model_dir = params.model_config_.load_from_pretrained_path
     processor = AutoProcessor.from_pretrained(model_dir)
-    cls = fam.transformers_class(fam.model_class)
     from transformers import AutoConfig
 
-    builder = RowBuilder(
-        root,
-        processor,
-        VisionArgs.for_processor(processor, params.dataset_config),
-        cls,
-        AutoConfig.from_pretrained(model_dir),
-    )
+    builder = RowBuilder.for_family(root, processor, params.dataset_config, fam, AutoConfig.from_pretrained(model_dir))
     started = time.perf_counter()
     rows = [builder.build([p]) for p in sorted(builder.packs)]
     seconds = time.perf_counter() - started

@@ -12,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from schemas.errors import PipelineError
 from schemas.params import Params
 from stages.register import data_hashes, newest_registered
-from stages.train.plot import fmt_loss, fmt_lr, loss_svg
+from stages.train.plot import fmt_loss, fmt_lr
 
 
 def validation_table(root: Path) -> None:
@@ -54,8 +54,7 @@ def loss_markdown(root: Path) -> str:
     renders a markdown image) and the steps as a table: loss to 4 significant digits, lr as 1.00e-04."""
     with open(root / "plots/train_loss.csv") as f:
         history = list(csv.DictReader(f))
-    svg_file = root / "plots/train_loss.svg"
-    svg = svg_file.read_text() if svg_file.is_file() else loss_svg(history)
+    svg = (root / "plots/train_loss.svg").read_text()
     image = "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()
     table = "\n".join(
         f"| {r['step']} | {fmt_loss(float(r['loss']))} | {fmt_lr(float(r['lr']))} | {r['tokens']} |"

@@ -38,14 +38,19 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def disk_full_is_clear(target: Path) -> Iterator[None]:
-    """A full disk anywhere in the block becomes one clear PipelineError naming ``target``."""
+def disk_full_is_clear(target: Path, need: int | None = None) -> Iterator[None]:
+    """A full disk anywhere in the block becomes one clear PipelineError naming ``target`` (and, given ``need``,
+    the bytes the write needs and the bytes free on that filesystem)."""
     try:
         yield
     except (OSError, duckdb.IOException) as exc:
-        if is_disk_full(exc):
-            raise PipelineError(f"disk full while writing {target}; nothing was replaced") from exc
-        raise
+        if not is_disk_full(exc):
+            raise
+        space = ""
+        if need is not None:
+            existing = next(p for p in Path(target).parents if p.exists())
+            space = f": it needs {need:,} bytes, {shutil.disk_usage(existing).free:,} bytes are free on its filesystem"
+        raise PipelineError(f"disk full while writing {target}{space}; nothing was replaced") from exc
 
 
 @contextlib.contextmanager

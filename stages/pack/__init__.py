@@ -8,7 +8,6 @@ the previous output as it was).
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.errors import PipelineError, StageInputError
+from schemas.errors import StageInputError
 from schemas.params import Params
 from schemas.tables import PACKS_SCHEMA
-from stages.io import atomic_dir, is_disk_full, write_json
+from stages.io import atomic_dir, disk_full_is_clear, write_json
 from stages.pack.algorithms import assign_packs, pack_lengths
 
 __all__ = ["pack_lengths", "run", "PackResult"]
@@ -54,18 +53,8 @@ def write_packs(table: pa.Table, out_dir: Path) -> None:
     pq.write_table(table, sink, compression="zstd")
     data = sink.getvalue()
     target = out_dir / "packs.parquet"
-    with atomic_dir(out_dir) as tmp:
-        try:
-            with open(tmp / target.name, "wb") as f:
-                f.write(data)
-        except OSError as exc:
-            if not is_disk_full(exc):
-                raise
-            free = shutil.disk_usage(tmp).free
-            raise PipelineError(
-                f"disk full while writing {target}: it needs {data.size:,} bytes, {free:,} bytes are free on its "
-                f"filesystem; {out_dir} was left as it was (free some space, then rerun `qvl pack`)"
-            ) from None
+    with atomic_dir(out_dir) as tmp, disk_full_is_clear(target, need=data.size):
+        (tmp / target.name).write_bytes(data)
 
 
 def run(params: Params, root: Path = Path(".")) -> PackResult:

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from schemas.params import DatasetConfig
 from stages.decode.shards import FrameStore
+from stages.families import ModelFamily
 from stages.tokenize.vision import VisionArgs
 from stages.train.samples import PACKS, TOKENIZED_ARROW, Packs, TokenizedSamples
 
@@ -71,6 +73,12 @@ class RowBuilder:
         self.image_token = config.image_token_id
         self.video_token = config.video_token_id
         self.dummies = {kind: self._dummy(kind) for kind in ("image", "video")}
+
+    @classmethod
+    def for_family(cls, root: Path, processor, cfg: DatasetConfig, fam: ModelFamily, config) -> RowBuilder:
+        """The builder for ``fam``'s model class, with the pixel budget ``cfg`` sets on ``processor``."""
+        vision = VisionArgs.for_processor(processor, cfg)
+        return cls(root, processor, vision, fam.transformers_class(fam.model_class), config)
 
     def _dummy(self, kind: str) -> dict:
         """A tiny label-free image or video segment. FSDP2 needs every rank to run the vision tower the same

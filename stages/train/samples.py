@@ -8,6 +8,7 @@ into tokenized row numbers (one integer per packed sample), so building a pack n
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -58,18 +59,20 @@ class TokenizedSamples(Mapping):
             yield from chunk.to_pylist()
 
     def __getitem__(self, sample_id: str) -> dict:
-        found = pc.index_in(pa.array([sample_id], pa.string()), value_set=self._ids())[0]
+        found = pc.index_in(pa.array([sample_id], pa.string()), value_set=self._ids)[0]
         if not found.is_valid:
             raise KeyError(sample_id)
         return self.row(found.as_py())
 
+    @functools.cached_property
     def _ids(self) -> pa.Array:
+        """Every sample id as one array (what pc.index_in searches), assembled once."""
         return self.table.column("sample_id").combine_chunks()
 
     def rows_of(self, sample_ids: Iterable[str] | pa.Array) -> np.ndarray:
         """The row numbers of ``sample_ids``, in order; a StageInputError names any id not tokenized."""
         wanted = sample_ids if isinstance(sample_ids, pa.Array) else pa.array(list(sample_ids), pa.string())
-        found = pc.index_in(wanted, value_set=self._ids())
+        found = pc.index_in(wanted, value_set=self._ids)
         if found.null_count:
             missing = wanted.filter(found.is_null())
             raise StageInputError(

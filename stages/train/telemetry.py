@@ -14,12 +14,11 @@ inputs write the same bytes, and a resumed run's speed figures cover the steps i
 from __future__ import annotations
 
 import csv
-import json
-import os
 from pathlib import Path
 
 import torch
 
+from stages.io import atomic_file, write_json
 from stages.train.plot import loss_svg
 
 MFU_CONVENTION = (
@@ -123,18 +122,11 @@ def write_outputs(root: Path, history: list[dict], summary: dict, speed_figures:
     """metrics/train.json, plots/train_loss.csv, plots/train_loss.svg and metrics/train_speed.json, each written to a
     temp file and renamed. The first three are train-stage outputs (hashed into dvc.lock); the speed file is a
     top-level DVC metric, shown by `dvc metrics show` but never hashed."""
-    for path in (root / "metrics", root / "plots"):
-        path.mkdir(parents=True, exist_ok=True)
-    for name, data in (("train.json", summary), ("train_speed.json", speed_figures)):
-        tmp = root / "metrics" / f".{name}.tmp"
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, root / "metrics" / name)
-    tmp = root / "plots" / ".train_loss.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    write_json(root / "metrics/train.json", summary)
+    write_json(root / "metrics/train_speed.json", speed_figures)
+    with atomic_file(root / "plots/train_loss.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "tokens", "label_tokens"])
         writer.writeheader()
         writer.writerows({k: h[k] for k in writer.fieldnames} for h in history)
-    os.replace(tmp, root / "plots" / "train_loss.csv")
-    tmp = root / "plots" / ".train_loss.svg.tmp"
-    tmp.write_text(loss_svg(history))
-    os.replace(tmp, root / "plots" / "train_loss.svg")
+    with atomic_file(root / "plots/train_loss.svg") as tmp:
+        tmp.write_text(loss_svg(history))

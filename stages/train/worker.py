@@ -80,12 +80,8 @@ def train(params_path: str) -> None:
     # Data and schedule
     from transformers import AutoProcessor
 
-    from stages.tokenize.vision import VisionArgs
-
     processor = AutoProcessor.from_pretrained(cfg.processor_config.processor_name)
-    builder = RowBuilder(
-        root, processor, VisionArgs.for_processor(processor, cfg), fam.transformers_class(fam.model_class), model.config
-    )
+    builder = RowBuilder.for_family(root, processor, cfg, fam, model.config)
     pack_ids = sorted(builder.packs)
     pad_id = processor.tokenizer.pad_token_id or 0  # SP padding: a label-free segment of its own, any id works
     global_batch = layout.dp_size * args.per_device_train_batch_size * args.gradient_accumulation_steps

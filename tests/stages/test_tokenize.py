@@ -145,14 +145,7 @@ def test_image_pixel_bounds_reach_tokens_rows_and_packs(tokenized_project, tmp_p
     rows = [r for r in pq.read_table(copy / "data/tokenized/samples.parquet").to_pylist() if r["image_paths"]]
     assert any(r["image_grid_thw"] != default_grids[r["sample_id"]] for r in rows)  # the bounds changed something
     fam = family(small.dataset_config.processor_config.processor_type)
-    config = AutoConfig.from_pretrained(model_dir)
-    builder = RowBuilder(
-        copy,
-        reference,
-        VisionArgs.for_processor(reference, small.dataset_config),
-        fam.transformers_class(fam.model_class),
-        config,
-    )
+    builder = RowBuilder.for_family(copy, reference, small.dataset_config, fam, AutoConfig.from_pretrained(model_dir))
     for row in rows:
         text = reference.apply_chat_template(json.loads(messages[row["sample_id"]]), tokenize=False)
         images = [Image.open(copy / p).convert("RGB") for p in row["image_paths"]]

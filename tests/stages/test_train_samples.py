@@ -13,7 +13,6 @@ from transformers import AutoConfig, AutoProcessor
 
 from schemas.errors import StageInputError
 from stages.families import family
-from stages.tokenize.vision import VisionArgs
 from stages.train.data import IGNORE, RowBuilder
 from stages.train.samples import PACKS, TOKENIZED_ARROW, Packs, TokenizedSamples
 from tests.conftest import pipeline_params
@@ -22,10 +21,9 @@ from tests.conftest import pipeline_params
 def builder_of(packed_project) -> RowBuilder:
     root, family_name, model_dir = packed_project
     fam = family(family_name)
-    processor = AutoProcessor.from_pretrained(model_dir)
-    vision = VisionArgs.for_processor(processor, pipeline_params(model_dir, family_name).dataset_config)
-    return RowBuilder(
-        root, processor, vision, fam.transformers_class(fam.model_class), AutoConfig.from_pretrained(model_dir)
+    cfg = pipeline_params(model_dir, family_name).dataset_config
+    return RowBuilder.for_family(
+        root, AutoProcessor.from_pretrained(model_dir), cfg, fam, AutoConfig.from_pretrained(model_dir)
     )
 
 

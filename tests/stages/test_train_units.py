@@ -10,7 +10,6 @@ from transformers import AutoProcessor
 
 from schemas.errors import ConfigError, StageInputError
 from stages.families import family
-from stages.tokenize.vision import VisionArgs
 from stages.train import preflight
 from stages.train.attention import ATTENTION_NAME
 from stages.train.data import RowBuilder, rank_micro_batches
@@ -29,13 +28,7 @@ def load(project, attention="sdpa"):
         model_dir, attn_implementation=implementation, dtype=torch.float32
     )
     processor = AutoProcessor.from_pretrained(model_dir)
-    builder = RowBuilder(
-        root,
-        processor,
-        VisionArgs.for_processor(processor, params.dataset_config),
-        fam.transformers_class(fam.model_class),
-        model.config,
-    )
+    builder = RowBuilder.for_family(root, processor, params.dataset_config, fam, model.config)
     return root, fam, params, model, builder
 
 
