@@ -84,6 +84,19 @@ def stop(proc: subprocess.Popen, sig=signal.SIGINT) -> None:
             proc.wait()
 
 
+def wait_listening(host: str, port: int, proc: subprocess.Popen, seconds: float = 90) -> None:
+    """Until ``proc`` accepts TCP connections on host:port (a loaded CI machine may take many seconds)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        assert proc.poll() is None, f"{proc.args[:2]} exited before listening on {host}:{port}"
+        try:
+            with socket.create_connection((host, port), timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {seconds} s")
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 90) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:

@@ -14,7 +14,7 @@ from schemas.errors import ConfigError
 from schemas.params import parse_params
 from stages.executor import map_chunks
 from tests.conftest import REPO, pipeline_params
-from tests.flows.helpers import BIN, ENV, edit_params, free_port, sh, start, stop
+from tests.flows.helpers import BIN, ENV, edit_params, free_port, sh, start, stop, wait_listening
 
 OUTPUTS = ("data/frames", "data/tokenized")
 
@@ -62,17 +62,20 @@ def dask_cluster(tmp_path_factory):
     scheduler = start(
         dask, "scheduler", "--host", host, "--port", port, "--no-dashboard", cwd=REPO, env=env, log=logs / "s.log"
     )
-    workers = start(
-        dask, "worker", address, "--host", host, "--nworkers", "2", "--nthreads", "1", "--no-dashboard",
-        cwd=REPO, env=env, log=logs / "w.log",
-    )  # fmt: skip
     try:
-        from flows.dask_runner import check_scheduler
+        wait_listening(host, int(port), scheduler)  # check_scheduler fails at once on a refused connection
+        workers = start(
+            dask, "worker", address, "--host", host, "--nworkers", "2", "--nthreads", "1", "--no-dashboard",
+            cwd=REPO, env=env, log=logs / "w.log",
+        )  # fmt: skip
+        try:
+            from flows.dask_runner import check_scheduler
 
-        check_scheduler(address)  # waits until a worker has joined
-        yield address, logs / "w.log"
+            check_scheduler(address)  # waits until a worker has joined
+            yield address, logs / "w.log"
+        finally:
+            stop(workers, signal.SIGTERM)
     finally:
-        stop(workers, signal.SIGTERM)
         stop(scheduler, signal.SIGTERM)
 
 
