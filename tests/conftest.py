@@ -27,7 +27,6 @@ TIERS = ("unit", "model", "slow", "gpu")
 MODEL_FIXTURES = {"tiny_models", "packed_project"}  # a test that uses one of these loads a model
 # Files owned elsewhere that cannot carry a module mark: their tier by path.
 SLOW_FILES = {"tests/test_benchmarks.py", "tests/stages/test_liger_distributed.py"}  # they start torchrun/scripts
-GPU_FILES = {"tests/stages/test_train_gpu.py"}
 
 
 def run_torchrun(
@@ -49,22 +48,26 @@ def tier_of(item: pytest.Item) -> str:
     if marked:
         return marked[-1]  # the heaviest: gpu > slow > model > unit
     path = item.path.relative_to(REPO).as_posix()
-    if path in GPU_FILES:
-        return "gpu"
     if path in SLOW_FILES:
         return "slow"
     return "model" if MODEL_FIXTURES & set(item.fixturenames) else "unit"
 
 
+# Fixtures built once per test process with `built_once` that cost a torchrun launch: their tests share a worker.
+SHARED_RUNS = {"reference"}
+
+
 def xdist_group(item: pytest.Item) -> str | None:
-    """Tests that share a module-scoped fixture (per model family where the packed project is a parameter) run
-    on one worker, which builds that fixture once; all other tests are spread freely (a session fixture such
-    as the packed project is then built at most once per worker and family)."""
+    """Tests that share a module-scoped fixture, or a run in SHARED_RUNS, (per model family where the packed
+    project is a parameter) run on one worker, which builds it once; all other tests are spread freely (a
+    session fixture such as the packed project is then built at most once per worker and family)."""
+    family_name = getattr(getattr(item, "callspec", None), "params", {}).get("packed_project", "")
     for name in item.fixturenames:
+        if name in SHARED_RUNS:
+            return f"{name}::{family_name}"
         defs = item._fixtureinfo.name2fixturedefs.get(name) or ()
         if any(d.scope == "module" for d in defs):
-            params = getattr(getattr(item, "callspec", None), "params", {})
-            return f"{item.path.relative_to(REPO).as_posix()}::{params.get('packed_project', '')}"
+            return f"{item.path.relative_to(REPO).as_posix()}::{family_name}"
     return None
 
 

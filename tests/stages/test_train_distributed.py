@@ -28,6 +28,7 @@ from tests.conftest import REPO, built_once, pipeline_params
 pytestmark = pytest.mark.slow
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss (\S+)", re.M)
 OUTPUT_FILES = ("metrics/train.json", "plots/train_loss.csv", "metrics/train_speed.json")
+LIGER_LOG = "use_liger_kernel: torch stand-ins on cpu (no Liger): RMSNorm x"
 SPEED_KEYS = {"tokens_per_s", "label_tokens_per_s", "first_step_s", "mfu", "mfu_with_vision", "peak_mem_gb"}
 
 
@@ -125,30 +126,32 @@ def reference(packed_project):
     return built_once(("reference", family_name), build)
 
 
-def test_world_size_and_accumulation_do_not_change_the_result(packed_project, reference):
+def test_world_size_accumulation_and_liger_do_not_change_the_result(packed_project, reference):
+    """One rank, accumulation 2, rows built in a background DataLoader worker process, use_liger_kernel (its CPU
+    stand-ins: RMSNorm, the SwiGLU MLP, the chunked linear cross-entropy), against 2 ranks without: the same losses.
+    (Adam's first steps magnify the stand-ins' summation-order differences in the weights: losses only here.)"""
     root, family_name, model_dir = packed_project
     reference, _ = reference
-    # One rank, accumulation 2, rows built in a background DataLoader worker process.
-    single = train(
-        root,
-        "ws1",
-        model_dir,
-        family_name,
-        max_steps=4,
-        nproc_per_node=1,
-        gradient_accumulation_steps=2,
-        dataloader_num_workers=1,
-    )
+    options = dict(max_steps=4, nproc_per_node=1, gradient_accumulation_steps=2, dataloader_num_workers=1)
+    proc = launch(root, "ws1", model_dir, family_name, **options, use_liger_kernel=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert LIGER_LOG in proc.stdout
+    single = history(root, "ws1")
     assert losses(single) == pytest.approx(losses(reference), rel=1e-5)
     assert [h["packs"] for h in single] == [h["packs"] for h in reference]
 
 
 @pytest.mark.family_only("qwen3_vl")
-def test_sp_with_data_parallelism_equals_plain_data_parallelism(packed_project, reference):
-    """4 processes = 2 data-parallel groups x SP 2, against 2 processes without SP: same packs, same losses."""
+def test_sp_with_data_parallelism_and_liger_equals_plain_data_parallelism(packed_project, reference):
+    """4 processes = 2 data-parallel groups x SP 2 with use_liger_kernel (its CPU stand-ins), against 2 processes
+    without either: same packs, same losses."""
     root, family_name, model_dir = packed_project
     reference, _ = reference
-    combined = train(root, "dp2sp2", model_dir, family_name, max_steps=4, nproc_per_node=4, sp_ulysses_degree=2)
+    options = dict(max_steps=4, nproc_per_node=4, sp_ulysses_degree=2, use_liger_kernel=True)
+    proc = launch(root, "dp2sp2", model_dir, family_name, **options)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert LIGER_LOG in proc.stdout
+    combined = history(root, "dp2sp2")
     assert [h["packs"] for h in combined] == [h["packs"] for h in reference]
     assert losses(combined) == pytest.approx(losses(reference), rel=1e-5)
     assert [h["label_tokens"] for h in combined] == [h["label_tokens"] for h in reference]

@@ -25,13 +25,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @pytest.fixture(scope="module")
-def cpu_comparison(tmp_path_factory):
+def cpu_comparison(tiny_models):
     """fp32 reference, then the packed path in fp32 and bf16 (with and without the Liger stand-ins) and the
     broken variant in bf16, on CPU."""
-    from stages.tiny_model import make_tiny_model
     from stages.train.distributed import init_distributed
 
-    model_dir = str(make_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("cpu-comparison") / "model"))
+    model_dir = str(tiny_models["qwen2_5_vl"])  # read only
     params = eq.bench_params(model_dir, "qwen2_5_vl")
     env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     saved = {k: os.environ.get(k) for k in env}
@@ -56,6 +55,7 @@ def cpu_comparison(tmp_path_factory):
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
+@pytest.mark.slow  # five model builds compared in-process: ~30 s of CPU, not the fast tier
 def test_packed_path_matches_the_sdpa_reference_on_cpu(cpu_comparison):
     assert cpu_comparison["fp32"]["grad_max_rel_err"] < 1e-4  # fp32: summation order only
     eq.assert_matches(cpu_comparison["fp32"], "fp32 packed path")
@@ -63,6 +63,7 @@ def test_packed_path_matches_the_sdpa_reference_on_cpu(cpu_comparison):
     eq.assert_matches(cpu_comparison["liger_bf16"], "bf16 packed path, Liger stand-ins")
 
 
+@pytest.mark.slow  # five model builds compared in-process: ~30 s of CPU, not the fast tier
 def test_segments_crossing_fails_the_same_assertion_on_cpu(cpu_comparison):
     broken = cpu_comparison["broken_bf16"]
     with pytest.raises(AssertionError, match="worst gradient"):
