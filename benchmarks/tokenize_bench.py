@@ -57,7 +57,7 @@ def main() -> None:
 
         samples = pq.read_table(root / "data/validated/samples.parquet").to_pylist()
         processor = load_processor(params)
-        renderer = SampleRenderer(processor, VisionArgs.for_processor(processor, params.dataset_config), None, {})
+        renderer = SampleRenderer(processor, VisionArgs.for_processor(processor, params.dataset_config), None, None)
         batch = [(s["sample_id"], s["messages"], s["media"]) for s in samples]
         start = time.perf_counter()
         for i in range(0, len(batch), 256):

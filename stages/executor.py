@@ -9,7 +9,8 @@ themselves never import Prefect.
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
 
@@ -21,7 +22,7 @@ R = TypeVar("R")
 
 def map_chunks(
     fn: Callable[[C], R],
-    chunks: Sequence[C],
+    chunks: Iterable[C],
     *,
     workers: int,
     config: OrchestrationConfig,
@@ -31,8 +32,10 @@ def map_chunks(
 ) -> Iterator[R]:
     """``fn`` over ``chunks``, results in chunk order. ``init(*init_args)`` runs once per worker process before
     its first chunk (in this process when ``workers`` is 1). ``fn``, ``init`` and the chunks must pickle, and
-    ``fn`` / ``init`` must be module-level functions (or partials of them) importable by the workers."""
+    ``fn`` / ``init`` must be module-level functions (or partials of them) importable by the workers. Locally,
+    ``chunks`` is read only a little ahead of the results; Dask gets them all at once (a list)."""
     if config.task_runner == "dask":
+        chunks = list(chunks)
         if not chunks:
             return iter(())
         from flows.dask_runner import map_on_dask
@@ -53,7 +56,14 @@ def _in_process(fn, chunks, init, init_args) -> Iterator:
 
 
 def _pool(fn, chunks, workers, init, init_args) -> Iterator:
-    """A forkserver pool (forking a parent that runs torch threads can deadlock); shut down once exhausted."""
+    """A forkserver pool (forking a parent that runs torch threads can deadlock); shut down once exhausted.
+    At most two chunks per worker are in flight: Executor.map (Python 3.11) would read every chunk first."""
     ctx = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init, initargs=init_args) as pool:
-        yield from pool.map(fn, chunks)
+        in_flight: deque = deque()
+        for chunk in chunks:
+            in_flight.append(pool.submit(fn, chunk))
+            if len(in_flight) >= 2 * workers:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()

@@ -1,17 +1,19 @@
 """The tokenize stage: every accepted sample to token ids, labels and vision grids, with the real processor.
 
-Recipe: read accepted samples, drop those whose video failed to decode (recorded as rejects) -> render and
-tokenise in parallel worker processes (render.py; a local pool, or Dask with orchestration.task_runner: dask)
--> reject samples longer than packing_length (or stop, when filter_overlong is false) -> write
-data/tokenized/{samples,rejects}.parquet, samples.arrow (the same rows as an uncompressed Arrow IPC file, which
-the trainer memory-maps) and metrics/tokenize.json.
+Recipe: read accepted samples in batches, drop those whose video failed to decode (recorded as rejects) ->
+render and tokenise in parallel worker processes (render.py; a local pool, or Dask with
+orchestration.task_runner: dask) -> reject samples longer than packing_length (or stop, when filter_overlong is
+false) -> write data/tokenized/samples.parquet and samples.arrow as the chunks come back (output.py: the same
+rows, the second an uncompressed Arrow IPC file the trainer memory-maps), then rejects.parquet and
+metrics/tokenize.json. Memory does not grow with the dataset (beyond one id per rejected sample).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,9 +25,9 @@ from tqdm import tqdm
 from schemas.errors import PipelineError, StageInputError
 from schemas.params import Params
 from schemas.tables import TOKENIZE_REJECTS_SCHEMA, TOKENIZED_SCHEMA
-from stages.arrowfile import write_arrow
 from stages.executor import map_chunks
 from stages.io import atomic_dir, write_json
+from stages.tokenize.output import TokenizedWriter
 
 SAMPLES = Path("data/validated/samples.parquet")
 FRAMES = Path("data/frames")
@@ -54,9 +56,11 @@ def load_processor(params: Params):
         raise StageInputError(f"cannot load the processor from {name}: {exc}") from None
 
 
-def _init_worker(params_json: str, root: str, video_keys: dict) -> None:
+def _init_worker(params_json: str, root: str) -> None:
     from schemas.params import Params
+    from stages.decode.sampling import SamplingOptions
     from stages.decode.shards import FrameStore
+    from stages.families import family
     from stages.tokenize.render import SampleRenderer
     from stages.tokenize.vision import VisionArgs
 
@@ -67,7 +71,9 @@ def _init_worker(params_json: str, root: str, video_keys: dict) -> None:
     processor = _loaded[1] if _loaded and _loaded[0] == name else load_processor(params)
     frames_dir = Path(root) / FRAMES
     store = FrameStore(frames_dir) if (frames_dir / "index.parquet").exists() else None
-    _renderer = SampleRenderer(processor, VisionArgs.for_processor(processor, params.dataset_config), store, video_keys)
+    fam = family(params.dataset_config.processor_config.processor_type)
+    sampling = SamplingOptions.from_config(params.dataset_config, fam)
+    _renderer = SampleRenderer(processor, VisionArgs.for_processor(processor, params.dataset_config), store, sampling)
 
 
 def _render_chunk(chunk: list[tuple]) -> pa.Table:
@@ -93,34 +99,54 @@ class TokenizeResult:
         return {k: v for k, v in vars(self).items() if k not in ("seconds", "by_reason")}
 
 
-def _read_inputs(root: Path, params: Params) -> tuple[list[dict], dict[str, dict], dict]:
-    """Accepted samples, samples excluded by decode (id -> reject row), and (sha, start, end) -> video_key."""
-    from stages.decode.sampling import SamplingOptions, video_key
-    from stages.families import family
-
+def _open_inputs(root: Path) -> tuple[pq.ParquetFile, dict[str, dict]]:
+    """The accepted samples (read later in batches), and the samples decode excluded (id -> reject fields)."""
     if not (root / SAMPLES).is_file():
         raise StageInputError(f"{root / SAMPLES} not found: run `qvl validate` first")
-    samples = pq.read_table(root / SAMPLES, columns=["sample_id", "source", "row", "messages", "media"]).to_pylist()
-    has_video = any(m["kind"] == "video" for s in samples for m in s["media"])
+    samples = pq.ParquetFile(root / SAMPLES)
+    has_video = any(
+        pc.any(pc.equal(pc.struct_field(pc.list_flatten(batch.column("media")), "kind"), "video")).as_py()
+        for batch in samples.iter_batches(batch_size=65536, columns=["media"])
+    )
     if has_video and not (root / FRAMES / "index.parquet").is_file():
         raise StageInputError(f"{root / FRAMES} not found: run `qvl decode` first (samples hold videos)")
-    excluded, keys = {}, {}
+    excluded = {}
     if has_video:
         for r in pq.read_table(root / FRAMES / "rejects.parquet").to_pylist():
             for sid in r["sample_ids"]:
                 excluded[sid] = {"reason": r["reason"], "detail": f"video {r['path']}: {r['detail']}"}
-        options = SamplingOptions.from_config(
-            params.dataset_config, family(params.dataset_config.processor_config.processor_type)
-        )
-        keys = {
-            (m["sha256"], m["video_start"], m["video_end"]): video_key(
-                m["sha256"], options, m["video_start"], m["video_end"]
-            )
-            for s in samples
-            for m in s["media"]
-            if m["kind"] == "video"
-        }
-    return samples, excluded, keys
+    return samples, excluded
+
+
+class _Chunks:
+    """The samples to tokenize, CHUNK at a time, read from the Parquet file as they are needed; samples decode
+    excluded become rejects. ``origins`` holds (sample_id -> (source, row), input rows) of the chunks handed out
+    and not yet collected (a few: the pool reads ahead only as far as it has workers)."""
+
+    COLUMNS = ["sample_id", "source", "row", "messages", "media"]
+
+    def __init__(self, samples: pq.ParquetFile, excluded: dict[str, dict]):
+        self.samples, self.excluded = samples, excluded
+        self.rejects: list[dict] = []
+        self.origins: deque[tuple[dict[str, tuple[str, int]], int]] = deque()
+        self.unreported = 0  # input rows of batches that held only excluded samples
+
+    def __iter__(self) -> Iterator[list[tuple]]:
+        for batch in self.samples.iter_batches(batch_size=CHUNK, columns=self.COLUMNS):
+            todo, origin = [], {}
+            for s in batch.to_pylist():
+                if s["sample_id"] in self.excluded:
+                    self.rejects.append(
+                        {k: s[k] for k in ("sample_id", "source", "row")} | self.excluded[s["sample_id"]]
+                    )
+                else:
+                    todo.append((s["sample_id"], s["messages"], s["media"]))
+                    origin[s["sample_id"]] = (s["source"], s["row"])
+            self.unreported += batch.num_rows
+            if todo:
+                self.origins.append((origin, self.unreported))
+                self.unreported = 0
+                yield todo
 
 
 def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
@@ -132,20 +158,12 @@ def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
     name = str(Path(params.dataset_config.processor_config.processor_name).resolve())
     worker_params.dataset_config.processor_config.processor_name = name
     _loaded = (name, processor)
-    vocab_size = len(processor.tokenizer)
-    samples, excluded, keys = _read_inputs(root, params)
-    rejects = [
-        {"sample_id": s["sample_id"], "source": s["source"], "row": s["row"], **excluded[s["sample_id"]]}
-        for s in samples
-        if s["sample_id"] in excluded
-    ]
-    todo = [s for s in samples if s["sample_id"] not in excluded]
-    chunks = [
-        [(s["sample_id"], s["messages"], s["media"]) for s in todo[i : i + CHUNK]] for i in range(0, len(todo), CHUNK)
-    ]
-    workers = max(1, min(os.cpu_count() or 1, len(chunks)))
-    init_args = (worker_params.model_dump_json(by_alias=True), str(root.resolve()), keys)
+    vocab = {b"tokenizer_vocab_size": str(len(processor.tokenizer)).encode()}
+    samples, excluded = _open_inputs(root)
+    chunks = _Chunks(samples, excluded)
+    total = samples.metadata.num_rows
     # One worker for a small dataset: worker start-up (seconds) would cost more than the work.
+    workers = max(1, min(os.cpu_count() or 1, -(-total // CHUNK)))
     results = map_chunks(
         _render_chunk,
         chunks,
@@ -153,48 +171,40 @@ def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
         config=params.orchestration,
         name="tokenize",
         init=_init_worker,
-        init_args=init_args,
+        init_args=(worker_params.model_dump_json(by_alias=True), str(root.resolve())),
     )
-    tables = list(tqdm(results, total=len(chunks), desc="tokenize", unit="chunk", disable=None))
-    table = pa.concat_tables(tables) if tables else TOKENIZED_SCHEMA.empty_table()
     cap = params.dataset_config.packing_length
-    too_long = pc.greater(table.column("length"), cap)
-    overlong = table.filter(too_long).select(["sample_id", "length"]).to_pylist()
-    if overlong and not params.dataset_config.filter_overlong:
-        listed = ", ".join(f"{r['sample_id']} ({r['length']} tokens)" for r in overlong[:20])
-        raise PipelineError(
-            f"{len(overlong)} sample(s) longer than packing_length {cap} and filter_overlong is "
-            f"false: {listed}{' ...' if len(overlong) > 20 else ''}"
-        )
-    source_of = {s["sample_id"]: s for s in todo}
-    for r in overlong:
-        s = source_of[r["sample_id"]]
-        rejects.append(
-            {
-                "sample_id": r["sample_id"],
-                "source": s["source"],
-                "row": s["row"],
-                "reason": "overlong",
-                "detail": f"{r['length']} tokens > packing_length {cap}",
-            }
-        )
-    kept = table.filter(pc.invert(too_long))
-    with atomic_dir(root / OUT_DIR) as tmp:
-        vocab = {b"tokenizer_vocab_size": str(vocab_size).encode()}
-        kept = kept.replace_schema_metadata(vocab)
-        pq.write_table(kept, tmp / "samples.parquet", compression="zstd")
-        write_arrow(kept, tmp / "samples.arrow")  # the same rows, memory-mappable: what the trainer reads
+    overlong, tokens, label_tokens, kept = [], 0, 0, 0
+    with (
+        atomic_dir(root / OUT_DIR) as tmp,
+        TokenizedWriter(tmp, TOKENIZED_SCHEMA.with_metadata(vocab)) as out,
+        tqdm(total=total, desc="tokenize", unit="sample", disable=None) as bar,
+    ):
+        for table in results:
+            origin, rows = chunks.origins.popleft()
+            too_long = pc.greater(table.column("length"), cap)
+            for r in table.filter(too_long).select(["sample_id", "length"]).to_pylist():
+                source, row = origin[r["sample_id"]]
+                overlong.append({"sample_id": r["sample_id"], "source": source, "row": row, "length": r["length"]})
+            table = table.filter(pc.invert(too_long))
+            out.write(table)
+            kept += table.num_rows
+            tokens += int(pc.sum(table.column("length")).as_py() or 0)
+            label_tokens += int(pc.sum(table.column("label_tokens")).as_py() or 0)
+            bar.update(rows)
+        bar.update(chunks.unreported)
+        if overlong and not params.dataset_config.filter_overlong:
+            listed = ", ".join(f"{r['sample_id']} ({r['length']} tokens)" for r in overlong[:20])
+            raise PipelineError(
+                f"{len(overlong)} sample(s) longer than packing_length {cap} and filter_overlong is "
+                f"false: {listed}{' ...' if len(overlong) > 20 else ''}"
+            )
+        rejects = chunks.rejects + [
+            r | {"reason": "overlong", "detail": f"{r['length']} tokens > packing_length {cap}"} for r in overlong
+        ]
         pq.write_table(pa.Table.from_pylist(rejects, schema=TOKENIZE_REJECTS_SCHEMA), tmp / "rejects.parquet")
     by_reason = dict(sorted(Counter(r["reason"] for r in rejects).items()))
-    result = TokenizeResult(
-        len(samples),
-        kept.num_rows,
-        len(rejects),
-        by_reason,
-        int(pc.sum(kept.column("length")).as_py() or 0),
-        int(pc.sum(kept.column("label_tokens")).as_py() or 0),
-        time.perf_counter() - start,
-    )
+    result = TokenizeResult(total, kept, len(rejects), by_reason, tokens, label_tokens, time.perf_counter() - start)
     if result.tokenized + result.rejected != result.input:
         raise AssertionError(f"tokenize lost samples: {result.input} != {result.tokenized} + {result.rejected}")
     write_json(root / METRICS, result.metrics())

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stages.decode.sampling import SamplingOptions, video_key
 from stages.decode.shards import FrameStore
 from stages.tokenize.vision import VisionArgs, video_metadata
 
@@ -33,11 +34,11 @@ class Tokenized:
 class SampleRenderer:
     """One processor, reused for every sample of a worker."""
 
-    def __init__(self, processor, vision: VisionArgs, frames: FrameStore | None, video_keys: dict[tuple, str]):
+    def __init__(self, processor, vision: VisionArgs, frames: FrameStore | None, sampling: SamplingOptions | None):
         self.processor = processor
         self.vision = vision
         self.frames = frames
-        self.video_keys = video_keys  # (sha256, video_start, video_end) -> video_key
+        self.sampling = sampling  # how decode sampled the videos: part of each clip's frame-store key
         tok = processor.tokenizer
         self.header = tok("<|im_start|>assistant\n").input_ids
         self.im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -51,7 +52,7 @@ class SampleRenderer:
                 out.image_grid_thw.append(grid)
                 images.append(self.processor.replace_image_token({"image_grid_thw": [np.array(grid)]}, 0))
                 continue
-            key = self.video_keys[(m["sha256"], m["video_start"], m["video_end"])]
+            key = video_key(m["sha256"], self.sampling, m["video_start"], m["video_end"])
             index = self.frames.index[key]
             grid = self.vision.video_grid(index["nframes"], index["height"], index["width"])
             meta = video_metadata(index)

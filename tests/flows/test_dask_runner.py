@@ -158,3 +158,18 @@ def test_local_map_chunks_keeps_chunk_order(workers):
     assert list(map_chunks(_square, list(range(7)), workers=workers, config=config, name="t")) == [
         x * x for x in range(7)
     ]
+
+
+def test_local_pool_reads_the_chunks_only_a_little_ahead():
+    """Tokenize streams its samples through map_chunks: the pool holds at most two chunks per worker, so a
+    dataset's chunks are never all read at once (Executor.map would read all 20 before the first result)."""
+    pulled = []
+
+    def chunks():
+        for i in range(20):
+            pulled.append(i)
+            yield i
+
+    results = map_chunks(_square, chunks(), workers=2, config=parse_params({}).orchestration, name="t")
+    assert next(results) == 0 and len(pulled) <= 4
+    assert list(results) == [x * x for x in range(1, 20)]

@@ -106,6 +106,34 @@ def test_overlong_samples_are_rejected_or_stop_the_stage(tokenized_project, tmp_
     tokenize(params, root)  # restore the module's output for the other tests
 
 
+def test_small_chunks_and_writes_give_the_same_rows_in_many_row_groups(tokenized_project, tmp_path, monkeypatch):
+    """Tokenize reads CHUNK samples at a time and writes WRITE_ROWS rows at a time. With 5 and 7 (two pool
+    workers), the rows, rejects and metrics equal the default run's, in ceil(rows / 7) Parquet row groups and
+    Arrow record batches."""
+    import shutil
+
+    import pyarrow as pa
+
+    import stages.tokenize
+    import stages.tokenize.output
+
+    root, params, _, result = tokenized_project
+    for folder in ("data/validated", "data/frames"):
+        shutil.copytree(root / folder, tmp_path / folder)
+    monkeypatch.setattr(stages.tokenize, "CHUNK", 5)
+    monkeypatch.setattr(stages.tokenize.output, "WRITE_ROWS", 7)
+    streamed = tokenize(params, tmp_path)
+    assert streamed.metrics() == result
+    for name in ("samples.parquet", "rejects.parquet"):
+        expected = pq.read_table(root / "data/tokenized" / name)
+        assert pq.read_table(tmp_path / "data/tokenized" / name).equals(expected), name
+    groups = -(-result["tokenized"] // 7)
+    assert pq.ParquetFile(tmp_path / "data/tokenized/samples.parquet").num_row_groups == groups > 1
+    arrow = pa.ipc.open_file(str(tmp_path / "data/tokenized/samples.arrow"))
+    assert arrow.num_record_batches == groups
+    assert arrow.read_all().equals(pq.read_table(root / "data/tokenized/samples.parquet"))
+
+
 def test_missing_processor_is_a_clear_error(project):
     params = pipeline_params(project / "no-model", "qwen2_5_vl")
     with pytest.raises(StageInputError, match="processor directory not found"):
