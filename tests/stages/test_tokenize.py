@@ -106,6 +106,7 @@ def test_overlong_samples_are_rejected_or_stop_the_stage(tokenized_project, tmp_
     tokenize(params, root)  # restore the module's output for the other tests
 
 
+@pytest.mark.family_only("qwen2_5_vl")  # streaming is the same code for every family (the renderer is tested above)
 def test_small_chunks_and_writes_give_the_same_rows_in_many_row_groups(tokenized_project, tmp_path, monkeypatch):
     """Tokenize reads CHUNK samples at a time and writes WRITE_ROWS rows at a time. With 5 and 7 (two pool
     workers), the rows, rejects and metrics equal the default run's, in ceil(rows / 7) Parquet row groups and
