@@ -120,16 +120,15 @@ def _open_inputs(root: Path) -> tuple[pq.ParquetFile, dict[str, dict]]:
 
 class _Chunks:
     """The samples to tokenize, CHUNK at a time, read from the Parquet file as they are needed; samples decode
-    excluded become rejects. ``origins`` holds (sample_id -> (source, row), input rows) of the chunks handed out
-    and not yet collected (a few: the pool reads ahead only as far as it has workers)."""
+    excluded become rejects. ``origins`` holds sample_id -> (source, row) for each chunk handed out and not yet
+    collected (a few: the pool reads ahead only as far as it has workers)."""
 
     COLUMNS = ["sample_id", "source", "row", "messages", "media"]
 
     def __init__(self, samples: pq.ParquetFile, excluded: dict[str, dict]):
         self.samples, self.excluded = samples, excluded
         self.rejects: list[dict] = []
-        self.origins: deque[tuple[dict[str, tuple[str, int]], int]] = deque()
-        self.unreported = 0  # input rows of batches that held only excluded samples
+        self.origins: deque[dict[str, tuple[str, int]]] = deque()
 
     def __iter__(self) -> Iterator[list[tuple]]:
         for batch in self.samples.iter_batches(batch_size=CHUNK, columns=self.COLUMNS):
@@ -142,10 +141,8 @@ class _Chunks:
                 else:
                     todo.append((s["sample_id"], s["messages"], s["media"]))
                     origin[s["sample_id"]] = (s["source"], s["row"])
-            self.unreported += batch.num_rows
             if todo:
-                self.origins.append((origin, self.unreported))
-                self.unreported = 0
+                self.origins.append(origin)
                 yield todo
 
 
@@ -178,10 +175,10 @@ def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
     with (
         atomic_dir(root / OUT_DIR) as tmp,
         TokenizedWriter(tmp, TOKENIZED_SCHEMA.with_metadata(vocab)) as out,
-        tqdm(total=total, desc="tokenize", unit="sample", disable=None) as bar,
+        tqdm(total=total - len(excluded), desc="tokenize", unit="sample", disable=None) as bar,
     ):
         for table in results:
-            origin, rows = chunks.origins.popleft()
+            origin = chunks.origins.popleft()
             too_long = pc.greater(table.column("length"), cap)
             for r in table.filter(too_long).select(["sample_id", "length"]).to_pylist():
                 source, row = origin[r["sample_id"]]
@@ -191,8 +188,7 @@ def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
             kept += table.num_rows
             tokens += int(pc.sum(table.column("length")).as_py() or 0)
             label_tokens += int(pc.sum(table.column("label_tokens")).as_py() or 0)
-            bar.update(rows)
-        bar.update(chunks.unreported)
+            bar.update(len(origin))
         if overlong and not params.dataset_config.filter_overlong:
             listed = ", ".join(f"{r['sample_id']} ({r['length']} tokens)" for r in overlong[:20])
             raise PipelineError(

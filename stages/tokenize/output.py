@@ -21,8 +21,7 @@ class TokenizedWriter:
     def __init__(self, folder: Path, schema: pa.Schema):
         self.schema = schema
         self.parquet = pq.ParquetWriter(folder / "samples.parquet", schema, compression="zstd")
-        self.sink = pa.OSFile(str(folder / "samples.arrow"), "wb")
-        self.arrow = pa.ipc.new_file(self.sink, schema)
+        self.arrow = pa.ipc.new_file(str(folder / "samples.arrow"), schema)  # owns and closes the file
         self.buffered: list[pa.Table] = []
         self.buffered_rows = 0
 
@@ -46,7 +45,6 @@ class TokenizedWriter:
             self._flush(self.buffered_rows)
         self.parquet.close()
         self.arrow.close()
-        self.sink.close()
 
     def __enter__(self) -> TokenizedWriter:
         return self
