@@ -45,7 +45,7 @@ def make_clips(root: Path, n: int, seconds: float) -> list[str]:
 def cli_same_frames(root: Path, store: FrameStore, workers: int) -> tuple[int, float]:
     """The plain ffmpeg CLI pulling the same frames at the same size (select + bicubic scale), same parallelism."""
     procs, frames, start = [], 0, time.perf_counter()
-    for row in store.index.values():
+    for row in store.values():
         select = "+".join(f"eq(n\\,{i})" for i in row["frames_indices"])
         cmd = [
             FFMPEG,
@@ -122,7 +122,7 @@ def main() -> None:
             f"{stage_fps / (cli_frames / cli_seconds):.2f}x the CLI (goal >= 0.8x)"
         )
 
-        keys = list(store.index)
+        keys = list(store)
         start = time.perf_counter()
         fetched = sum(len(store.get(k).frames) for _ in range(5) for k in keys)
         shard_fps = fetched / (time.perf_counter() - start)
@@ -130,7 +130,7 @@ def main() -> None:
 
         start, decoded = time.perf_counter(), 0
         for k in keys:  # the peers' way: decode in the data loader, per sample
-            row = store.index[k]
+            row = store[k]
             decoded += len(fetch_video({"video": str(root / row["path"]), "fps": 2.0, "max_pixels": 602112}))
         fly_fps = decoded / (time.perf_counter() - start)
         print(

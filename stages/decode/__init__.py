@@ -46,19 +46,18 @@ class VideoJob:
     src_width: int
     video_start: float | None
     video_end: float | None
-    sample_ids: tuple[str, ...]
 
 
 def collect_jobs(root: Path, options: SamplingOptions) -> list[VideoJob]:
-    """Distinct videos of the accepted samples, sorted by key (so outputs are deterministic)."""
+    """Distinct videos of the accepted samples, sorted by key (so outputs are deterministic). A job holds no
+    sample ids (a video may serve thousands of samples): the rejects look theirs up at the end."""
     samples = root / SAMPLES
     if not samples.is_file():
         raise StageInputError(f"{samples} not found: run `qvl validate` first")
     rows = duckdb.sql(f"""
-        SELECT m.sha256, m.path, m.frame_paths, m.nframes, m.fps, m.height, m.width, m.video_start, m.video_end,
-               list(DISTINCT sample_id ORDER BY sample_id) AS sample_ids
-        FROM (SELECT sample_id, unnest(media) AS m FROM read_parquet('{samples}')) WHERE m.kind = 'video'
-        GROUP BY ALL""").fetchall()
+        SELECT DISTINCT m.sha256, m.path, m.frame_paths, m.nframes, m.fps, m.height, m.width, m.video_start,
+               m.video_end
+        FROM (SELECT unnest(media) AS m FROM read_parquet('{samples}')) WHERE m.kind = 'video'""").fetchall()
     jobs = [
         VideoJob(
             video_key(sha, options, start, end),
@@ -71,9 +70,8 @@ def collect_jobs(root: Path, options: SamplingOptions) -> list[VideoJob]:
             width,
             start,
             end,
-            tuple(ids),
         )
-        for sha, path, frames, nframes, fps, height, width, start, end, ids in rows
+        for sha, path, frames, nframes, fps, height, width, start, end in rows
     ]
     return sorted(jobs, key=lambda j: j.key)
 
@@ -125,6 +123,79 @@ def _one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
+class IndexWriter:
+    """index.parquet (FRAME_INDEX_SCHEMA), written ROWS rows at a time as videos finish: a stage over a million
+    videos never holds a million index rows."""
+
+    ROWS = 4096
+
+    def __init__(self, path: Path):
+        self.writer = pq.ParquetWriter(path, FRAME_INDEX_SCHEMA)
+        self.pending: list[dict] = []
+        self.rows = 0
+
+    def add(self, row: dict) -> None:
+        self.pending.append(row)
+        self.rows += 1
+        if len(self.pending) == self.ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.writer.write_table(pa.Table.from_pylist(self.pending, schema=FRAME_INDEX_SCHEMA))
+            self.pending = []
+
+    def __enter__(self) -> IndexWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._flush()
+        self.writer.close()
+
+
+def rejects_table(root: Path, rejected: list[tuple[VideoJob, DecodeError]]) -> pa.Table:
+    """DECODE_REJECTS_SCHEMA rows for the videos that failed, each with the ids of the samples that use it (one
+    query over the accepted samples for all of them)."""
+    failed = pa.Table.from_pylist(
+        [
+            {
+                "video_key": job.key,
+                "sha256": job.sha256,
+                "path": job.path,
+                "frame_paths": list(job.frame_paths) if job.frame_paths else None,
+                "video_start": job.video_start,
+                "video_end": job.video_end,
+                "reason": error.reason,
+                "detail": relative_to_root(error.detail, root),
+            }
+            for job, error in rejected
+        ],
+        schema=pa.schema(
+            [
+                ("video_key", pa.string()),
+                ("sha256", pa.string()),
+                ("path", pa.string()),
+                ("frame_paths", pa.list_(pa.string())),
+                ("video_start", pa.float64()),
+                ("video_end", pa.float64()),
+                ("reason", pa.string()),
+                ("detail", pa.string()),
+            ]
+        ),
+    )
+    con = duckdb.connect()
+    con.register("failed", failed)
+    table = con.sql(f"""
+        SELECT f.video_key, coalesce(f.path, f.frame_paths[1]) AS path, f.reason, f.detail,
+               list(DISTINCT s.sample_id ORDER BY s.sample_id) AS sample_ids
+        FROM failed f JOIN (SELECT sample_id, unnest(media) AS m FROM read_parquet('{root / SAMPLES}')) s
+          ON s.m.kind = 'video' AND s.m.sha256 = f.sha256 AND s.m.path IS NOT DISTINCT FROM f.path
+         AND s.m.frame_paths IS NOT DISTINCT FROM f.frame_paths
+         AND s.m.video_start IS NOT DISTINCT FROM f.video_start AND s.m.video_end IS NOT DISTINCT FROM f.video_end
+        GROUP BY ALL ORDER BY f.video_key""").to_arrow_table()
+    return table.cast(DECODE_REJECTS_SCHEMA)
+
+
 @dataclass
 class DecodeResult:
     videos: int
@@ -147,8 +218,8 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
     jobs = collect_jobs(root, options)
     workers = params.decode.workers or os.cpu_count() or 1
     threads = max(1, (os.cpu_count() or 1) // workers)
-    index, rejects, frames_total, raw_bytes = [], [], 0, 0
-    with atomic_dir(root / OUT_DIR) as tmp:
+    rejected, frames_total, raw_bytes = [], 0, 0
+    with atomic_dir(root / OUT_DIR) as tmp, IndexWriter(tmp / INDEX_FILE) as index:
         writer = ShardWriter(tmp, params.decode.shard_target_mb * 1024 * 1024)
         decode = partial(
             decode_job, options=options, patch_size=fam.patch_size, root=str(root.resolve()), threads=threads
@@ -158,21 +229,13 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
             zip(jobs, results, strict=True), total=len(jobs), desc="decode", unit="video", disable=None
         ):
             if isinstance(result, DecodeError):
-                rejects.append(
-                    {
-                        "video_key": job.key,
-                        "path": job.path or job.frame_paths[0],
-                        "reason": result.reason,
-                        "detail": relative_to_root(result.detail, root),
-                        "sample_ids": list(job.sample_ids),
-                    }
-                )
+                rejected.append((job, result))
                 continue
             frames, fields = result
             shard, group = writer.add(job.key, frames)
             frames_total += len(frames)
             raw_bytes += frames.nbytes
-            index.append(
+            index.add(
                 {
                     "video_key": job.key,
                     "sha256": job.sha256,
@@ -189,15 +252,15 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
                 }
             )
         writer.close()
-        pq.write_table(pa.Table.from_pylist(index, schema=FRAME_INDEX_SCHEMA), tmp / INDEX_FILE)
-        pq.write_table(pa.Table.from_pylist(rejects, schema=DECODE_REJECTS_SCHEMA), tmp / "rejects.parquet")
-    excluded = {s for r in rejects for s in r["sample_ids"]}
+        rejects = rejects_table(root, rejected)
+        pq.write_table(rejects, tmp / "rejects.parquet")
+    excluded = len(set(rejects.column("sample_ids").combine_chunks().flatten().to_pylist()))
     result = DecodeResult(
         len(jobs),
-        len(index),
-        len(rejects),
+        index.rows,
+        len(rejected),
         frames_total,
-        len(excluded),
+        excluded,
         writer.bytes_written,
         raw_bytes,
         time.perf_counter() - start,

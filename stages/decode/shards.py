@@ -8,6 +8,7 @@ throughput, measured): lossless, fast to read back (see benchmarks/decode_bench.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -82,23 +83,50 @@ class VideoFrames:
     info: dict
 
 
-class FrameStore:
-    """Random access to pre-decoded videos by ``video_key``."""
+class FrameStore(Mapping):
+    """Random access to pre-decoded videos by ``video_key``: ``store[key]`` is the video's index row (a dict, made
+    on access), ``store.get(key)`` its frames.
+
+    The index stays an Arrow table; the keys are held once as a sorted fixed-width bytes array (video keys are
+    20 hex characters), so a process holds about 30 bytes per video, not a dict per video."""
 
     def __init__(self, frames_dir: str | Path):
         self.dir = Path(frames_dir)
-        index = pq.read_table(self.dir / INDEX_FILE).to_pylist()
-        self.index = {row["video_key"]: row for row in index}
+        self.table = pq.read_table(self.dir / INDEX_FILE)
+        keys = self.table.column("video_key").to_numpy(zero_copy_only=False).astype("S")
+        self.order = np.argsort(keys, kind="stable")
+        self.sorted_keys = keys[self.order]
+        self._file = lru_cache(maxsize=64)(self._open)  # open shard handles, per store
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.index
+    def __getstate__(self) -> dict:  # worker processes re-read the index instead of receiving a copy of it
+        return {"dir": self.dir}
 
-    @lru_cache(maxsize=64)  # noqa: B019 (one store per process; handles are cheap to keep)
-    def _file(self, shard: str) -> pq.ParquetFile:
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["dir"])
+
+    def _row(self, key: str) -> int:
+        wanted = key.encode()
+        at = int(np.searchsorted(self.sorted_keys, wanted))
+        if at == len(self.sorted_keys) or self.sorted_keys[at] != wanted:
+            raise KeyError(key)
+        return int(self.order[at])
+
+    def __getitem__(self, key: str) -> dict:
+        i = self._row(key)
+        return {name: self.table.column(name)[i].as_py() for name in self.table.column_names}
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __iter__(self) -> Iterator[str]:
+        for chunk in self.table.column("video_key").chunks:
+            yield from chunk.to_pylist()
+
+    def _open(self, shard: str) -> pq.ParquetFile:
         return pq.ParquetFile(self.dir / shard)
 
     def get(self, key: str) -> VideoFrames:
-        row = self.index[key]
+        row = self[key]
         group = self._file(row["shard"]).read_row_group(row["row_group"], columns=["pixels"])
         pixels = group.column("pixels").combine_chunks()
         _, offsets_buf, data_buf = pixels.buffers()  # all frames' bytes, back to back: no copy

@@ -53,7 +53,7 @@ class SampleRenderer:
                 images.append(self.processor.replace_image_token({"image_grid_thw": [np.array(grid)]}, 0))
                 continue
             key = video_key(m["sha256"], self.sampling, m["video_start"], m["video_end"])
-            index = self.frames.index[key]
+            index = self.frames[key]
             grid = self.vision.video_grid(index["nframes"], index["height"], index["width"])
             meta = video_metadata(index)
             out.video_keys.append(key)

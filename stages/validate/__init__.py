@@ -97,8 +97,7 @@ def _memory_is_clear(limit: str):
 def validate_into(con: duckdb.DuckDBPyConnection, params: Params, root: Path) -> None:
     """Fill ``con`` with the tables `accepted` and `rejects` (plus the intermediate ones) for ``params``."""
     cfg = params.dataset_config
-    raw = load_all(cfg.datasets, root)
-    con.register("raw", raw)  # queried in place from Arrow, not copied
+    load_all(con, cfg.datasets, root)
     datasets = pa.table(
         {
             "source": [d.path for d in cfg.datasets],

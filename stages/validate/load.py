@@ -1,13 +1,19 @@
-"""Load every dataset file's rows, verbatim, into one Arrow table: (source, row, line, load_reason).
+"""Load every dataset file's rows, verbatim, into DuckDB's `raw` table: (source, row, line, load_reason).
 
 A row is one JSON object as text. JSONL lines are kept byte for byte (invalid UTF-8 is marked, not dropped);
 JSON arrays and Parquet rows are serialised to JSON text. A file that is missing or whose rows hold no
 messages at all stops the stage with one error naming the file.
+
+Memory does not grow with the dataset: JSONL and JSON files are read in blocks of READ_BYTES and handed to
+DuckDB a batch at a time (DuckDB keeps `raw` within validate.memory_limit, spilling beyond it); Parquet rows go
+from read_parquet to `raw` inside DuckDB without passing through Python.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -26,44 +32,117 @@ RAW_SCHEMA = pa.schema(
     ]
 )
 MESSAGE_KEYS = ("messages", "conversations")
+READ_BYTES = 16 << 20  # one block of a JSONL or JSON file; a longer row simply extends its block
+BATCH_ROWS = 10_000  # JSON array elements handed to DuckDB at a time
+CHECKED_ROWS = 1000  # rows looked at for a messages key before a file is called "not a chat dataset"
+
+Rows = tuple[list[str], list[str | None]]  # lines and their load reasons (None: loaded fine)
 
 
-def _jsonl_lines(path: Path) -> tuple[list[str], list[str | None]]:
-    data = path.read_bytes()
+def _decode_lines(block: bytes) -> Rows:
+    """``block``'s non-blank lines. Split on \\n only (not str.splitlines, which also splits on \\u2028 and
+    friends that JSON strings may hold); \\n never occurs inside a UTF-8 sequence, so a block decodes as a whole
+    exactly when each of its lines does."""
     try:
-        # Fast path: the whole file decodes; splitting on \n only (not str.splitlines, which also splits
-        # on \u2028 and friends that JSON strings may hold).
-        raw_lines = data.decode("utf-8").split("\n")
-        reasons = [None] * len(raw_lines)
+        lines, reasons = block.decode("utf-8").split("\n"), None
     except UnicodeDecodeError:
-        raw_lines, reasons = [], []
-        for chunk in data.split(b"\n"):
+        lines, reasons = [], []
+        for chunk in block.split(b"\n"):
             try:
-                raw_lines.append(chunk.decode("utf-8"))
+                lines.append(chunk.decode("utf-8"))
                 reasons.append(None)
             except UnicodeDecodeError:
-                raw_lines.append(chunk.decode("utf-8", errors="backslashreplace"))
+                lines.append(chunk.decode("utf-8", errors="backslashreplace"))
                 reasons.append("invalid_utf8")
-    keep = [i for i, line in enumerate(raw_lines) if line.strip()]  # blank lines are not rows
-    return [raw_lines[i] for i in keep], [reasons[i] for i in keep]
+    keep = [i for i, line in enumerate(lines) if line.strip()]  # blank lines are not rows
+    return [lines[i] for i in keep], [None] * len(keep) if reasons is None else [reasons[i] for i in keep]
 
 
-def _json_array_lines(path: Path) -> list[str]:
+def _jsonl_rows(path: Path) -> Iterator[Rows]:
+    with path.open("rb") as f:
+        tail = b""
+        while block := f.read(READ_BYTES):
+            data = tail + block
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                tail = data
+                continue
+            tail = data[cut + 1 :]
+            yield _decode_lines(data[:cut])
+        if tail:
+            yield _decode_lines(tail)
+
+
+def _not_json(path: Path, why: str) -> StageInputError:
+    return StageInputError(f"{path}: not a valid JSON file ({why}); use data_type: jsonl for one row a line")
+
+
+def _json_array_rows(path: Path) -> Iterator[Rows]:
+    """The elements of a JSON array file, one at a time (json.JSONDecoder.raw_decode over a sliding window), so a
+    multi-gigabyte array (LLaVA-665k's is one) is never parsed whole; each element is re-serialised by json.dumps."""
+    decoder, text = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
+    buf, pos, eof = "", 0, False
+    with path.open("rb") as f:
+
+        def fill() -> None:
+            nonlocal buf, pos, eof
+            block = f.read(READ_BYTES)
+            try:
+                buf = buf[pos:] + text.decode(block, final=not block)
+            except UnicodeDecodeError as exc:
+                raise _not_json(path, exc) from None
+            pos, eof = 0, not block
+
+        def skip_space() -> str:
+            """The next non-space character ('' at the end of the file), reading on as needed."""
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\n\r\ufeff":
+                    pos += 1
+                if pos < len(buf) or eof:
+                    return buf[pos : pos + 1]
+                fill()
+
+        if skip_space() != "[":
+            raise StageInputError(f"{path}: a JSON dataset must be an array of samples, got {buf[pos : pos + 20]!r}...")
+        pos += 1
+        lines, count, expect_value = [], 0, True
+        while True:
+            char = skip_space()
+            if char == "]" and (count == 0 or not expect_value):  # "[]" or after an element; not after a ','
+                pos += 1
+                break
+            if char == "," and not expect_value:
+                pos, expect_value = pos + 1, True
+                continue
+            if not char or not expect_value:
+                raise _not_json(path, "expected ',' or ']' between samples" if char else "the array is not closed")
+            try:
+                item, end = decoder.raw_decode(buf, pos)
+                complete = end < len(buf) or eof  # a value ending at the window's edge (a number) may go on
+            except json.JSONDecodeError as exc:
+                if eof:
+                    raise _not_json(path, exc) from None
+                complete = False
+            if not complete:
+                fill()
+                continue
+            lines.append(json.dumps(item, ensure_ascii=False))
+            pos, count, expect_value = end, count + 1, False
+            if len(lines) == BATCH_ROWS:
+                yield lines, [None] * len(lines)
+                lines = []
+        if lines:
+            yield lines, [None] * len(lines)
+        if skip_space():
+            raise _not_json(path, "data after the closing ']'")
+
+
+def _parquet_select(path: Path) -> str:
+    """The SQL that reads ``path``'s rows as (row, line): each row as one JSON object, in file order."""
     try:
-        data = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StageInputError(
-            f"{path}: not a valid JSON file ({exc}); use data_type: jsonl for one row a line"
-        ) from None
-    if not isinstance(data, list):
-        raise StageInputError(f"{path}: a JSON dataset must be an array of samples, got {type(data).__name__}")
-    return [json.dumps(item, ensure_ascii=False) for item in data]
-
-
-def _parquet_lines(path: Path) -> list[str]:
-    con = duckdb.connect()
-    try:
-        columns = con.execute("SELECT name, type FROM parquet_schema(?) WHERE name <> 'schema'", [str(path)]).fetchall()
+        sql = "SELECT name, type FROM parquet_schema(?) WHERE name <> 'schema'"
+        columns = duckdb.execute(sql, [str(path)]).fetchall()
     except duckdb.Error as exc:
         raise StageInputError(f"{path}: not a readable Parquet file ({exc})") from None
     names = {n for n, _ in columns}
@@ -77,47 +156,71 @@ def _parquet_lines(path: Path) -> list[str]:
             fields.append(f"'{name}', CASE WHEN json_valid({quoted}) THEN {quoted}::JSON ELSE to_json({quoted}) END")
         else:
             fields.append(f"'{name}', {quoted}")
-    sql = f"SELECT json_object({', '.join(fields)})::VARCHAR FROM read_parquet(?)"
-    return [r[0] for r in con.execute(sql, [str(path)]).fetchall()]
+    line = f"json_object({', '.join(fields)})::VARCHAR"
+    return f"SELECT file_row_number AS row, {line} AS line FROM read_parquet(?, file_row_number = true)"
 
 
-def _check_holds_messages(path: Path, lines: list[str]) -> None:
-    """A file none of whose rows has a messages key is a wrong file, not a file of bad rows."""
-    for line in lines[:1000]:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and any(k in row for k in MESSAGE_KEYS):
-            return
-    if lines:
-        raise StageInputError(f"{path}: no row holds `messages` or `conversations`; is this a chat dataset?")
+class _MessagesCheck:
+    """A file none of whose first CHECKED_ROWS rows has a messages key is a wrong file, not a file of bad rows."""
+
+    def __init__(self, path: Path):
+        self.path, self.seen, self.found = path, 0, False
+
+    def look(self, lines: list[str]) -> None:
+        for line in lines[: max(0, CHECKED_ROWS - self.seen)]:
+            if self.found:
+                return
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            self.found = isinstance(row, dict) and any(k in row for k in MESSAGE_KEYS)
+        self.seen += len(lines)
+
+    def finish(self) -> None:
+        if self.seen and not self.found:
+            raise StageInputError(f"{self.path}: no row holds `messages` or `conversations`; is this a chat dataset?")
 
 
-def load_dataset(entry: DatasetEntry, root: Path) -> pa.Table:
-    """One dataset file as RAW_SCHEMA rows (row numbers from 0, in file order)."""
-    path = (root / entry.path) if not Path(entry.path).is_absolute() else Path(entry.path)
+def dataset_path(entry: DatasetEntry, root: Path) -> Path:
+    return (root / entry.path) if not Path(entry.path).is_absolute() else Path(entry.path)
+
+
+def load_dataset(con: duckdb.DuckDBPyConnection, entry: DatasetEntry, root: Path) -> None:
+    """Append one dataset file's rows to `raw` (row numbers from 0, in file order)."""
+    path = dataset_path(entry, root)
     if not path.is_file():
         raise StageInputError(f"dataset file not found: {path} (dataset_config.datasets path {entry.path!r})")
     folder = data_folder(entry, root)
     if not folder.is_dir():
         raise StageInputError(f"data_folder not found: {folder} (for dataset {entry.path})")
-    if entry.data_type == "jsonl":
-        lines, reasons = _jsonl_lines(path)
-    else:
-        lines = _json_array_lines(path) if entry.data_type == "json" else _parquet_lines(path)
-        reasons = [None] * len(lines)
-    _check_holds_messages(path, lines)
-    n = len(lines)
-    return pa.table(
-        {
-            "source": pa.repeat(pa.scalar(entry.path), n),
-            "row": pa.array(np.arange(n, dtype=np.int64)),
-            "line": pa.array(lines, pa.string()),
-            "load_reason": pa.array(reasons, pa.string()),
-        },
-        schema=RAW_SCHEMA,
-    )
+    if entry.data_type == "parquet":
+        select = _parquet_select(path)
+        check = _MessagesCheck(path)
+        first = con.execute(f"SELECT line FROM ({select}) ORDER BY row LIMIT {CHECKED_ROWS}", [str(path)]).fetchall()
+        check.look([line for (line,) in first])
+        check.finish()
+        con.execute(f"INSERT INTO raw SELECT ?, row, line, NULL FROM ({select})", [entry.path, str(path)])
+        return
+    check, start = _MessagesCheck(path), 0
+    for lines, reasons in _jsonl_rows(path) if entry.data_type == "jsonl" else _json_array_rows(path):
+        check.look(lines)
+        con.register(
+            "batch",
+            pa.table(
+                {
+                    "source": pa.repeat(pa.scalar(entry.path), len(lines)),
+                    "row": pa.array(np.arange(start, start + len(lines), dtype=np.int64)),
+                    "line": pa.array(lines, pa.string()),
+                    "load_reason": pa.array(reasons, pa.string()),
+                },
+                schema=RAW_SCHEMA,
+            ),
+        )
+        con.execute("INSERT INTO raw SELECT * FROM batch")
+        con.unregister("batch")
+        start += len(lines)
+    check.finish()
 
 
 def data_folder(entry: DatasetEntry, root: Path) -> Path:
@@ -126,8 +229,10 @@ def data_folder(entry: DatasetEntry, root: Path) -> Path:
     return (root / entry.data_folder if entry.data_folder else path.parent).resolve()
 
 
-def load_all(entries: list[DatasetEntry], root: Path) -> pa.Table:
-    """Every dataset's rows; errors in any file stop before anything is written."""
+def load_all(con: duckdb.DuckDBPyConnection, entries: list[DatasetEntry], root: Path) -> None:
+    """Every dataset's rows into a new `raw` table; errors in any file stop before anything is written."""
     if not entries:
         raise StageInputError("dataset_config.datasets is empty: list at least one {path, data_folder, data_type}")
-    return pa.concat_tables([load_dataset(e, root) for e in entries])
+    con.execute("CREATE OR REPLACE TEMP TABLE raw (source VARCHAR, row BIGINT, line VARCHAR, load_reason VARCHAR)")
+    for entry in entries:
+        load_dataset(con, entry, root)

@@ -116,7 +116,7 @@ def test_frames_equal_qwen_vl_utils_fetch_video(video_project, family_name, opti
     assert result.decoded == len(CLIPS) and result.rejected == 0
     store = FrameStore(video_project / "data/frames")
     opts = SamplingOptions.from_config(params.dataset_config, family(family_name))
-    by_clip = {(Path(r["path"]).name, r["video_start"], r["video_end"]): key for key, r in store.index.items()}
+    by_clip = {(Path(r["path"]).name, r["video_start"], r["video_end"]): key for key, r in store.items()}
     for name, start, end in CLIPS:
         mine = store.get(by_clip[(name, start, end)])
         ele = {"video": str(video_project / "data/demo/videos" / name), **opts.element(start, end)}
@@ -167,7 +167,7 @@ def test_frame_list_video_equals_independently_decoded_frames(project):
     validate(params, project)
     decode(params, project)
     store = FrameStore(project / "data/frames")
-    (key,) = [k for k, r in store.index.items() if r["is_frame_list"]]
+    (key,) = [k for k, r in store.items() if r["is_frame_list"]]
     mine = store.get(key).frames
     sources = [project / f"data/demo/frames/clip/{i:03d}.jpg" for i in range(6)]
     assert mine.shape[0] == 6 and mine.shape[0] % 2 == 0
@@ -201,7 +201,7 @@ def test_demo_truncated_video_is_rejected_with_its_samples(project):
     metrics = json.loads((project / "metrics/decode.json").read_text())
     assert metrics["videos"] == metrics["decoded"] + metrics["rejected"] == result.videos
     assert metrics["samples_excluded"] == 1
-    assert len(FrameStore(project / "data/frames").index) == result.decoded
+    assert len(FrameStore(project / "data/frames")) == result.decoded
     first = (project / "data/frames/rejects.parquet").read_bytes()
     decode(params, project)  # a reject's detail holds no per-run value (ffmpeg's object addresses are stripped)
     assert (project / "data/frames/rejects.parquet").read_bytes() == first
@@ -353,7 +353,7 @@ def test_edge_clips_follow_fetch_video(project, edge_clips, options):
     validate(params, project)
     decode(params, project)
     store = FrameStore(project / "data/frames")
-    by_clip = {(Path(r["path"]).name, r["video_start"], r["video_end"]): key for key, r in store.index.items()}
+    by_clip = {(Path(r["path"]).name, r["video_start"], r["video_end"]): key for key, r in store.items()}
     rejected = {Path(r["path"]).name: r for r in pq.read_table(project / "data/frames/rejects.parquet").to_pylist()}
     validate_rejects = pq.read_table(project / "data/validated/rejects.parquet").to_pylist()
     assert [(r["reason"], r["detail"]) for r in validate_rejects] == [
@@ -377,3 +377,41 @@ def test_edge_clips_follow_fetch_video(project, edge_clips, options):
         assert mine.info["frames_indices"] == list(meta["frames_indices"]), name
         worst = np.abs(mine.frames.astype(np.int16) - ref).max(axis=(1, 2, 3))
         assert worst.max() <= 1, f"{name} {start}-{end}: frames {np.flatnonzero(worst > 1).tolist()} differ"
+
+
+def test_frame_store_finds_every_video_by_key_from_an_index_written_in_batches(tmp_path, monkeypatch):
+    """Keys out of order, an index written a few rows at a time: each key finds its own frames and index row,
+    an unknown key is a KeyError, and a pickled store (what worker processes receive) re-reads the index."""
+    import pickle
+
+    from stages.decode import IndexWriter
+    from stages.decode.shards import ShardWriter
+
+    monkeypatch.setattr(IndexWriter, "ROWS", 2)
+    rng = np.random.default_rng(0)
+    videos = {f"{k:020x}": rng.integers(0, 256, (int(rng.integers(1, 4)), 4, 6, 3), np.uint8) for k in (9, 3, 7, 1, 5)}
+    shards = ShardWriter(tmp_path, target_bytes=200)
+    with IndexWriter(tmp_path / "index.parquet") as index:
+        for key, frames in videos.items():
+            shard, group = shards.add(key, frames)
+            index.add(
+                {
+                    "video_key": key,
+                    "shard": shard,
+                    "row_group": group,
+                    "nframes": len(frames),
+                    "height": 4,
+                    "width": 6,
+                    "frames_indices": list(range(len(frames))),
+                }
+            )
+    shards.close()
+    assert pq.ParquetFile(tmp_path / "index.parquet").num_row_groups == 3
+    store = pickle.loads(pickle.dumps(FrameStore(tmp_path)))
+    assert len(store) == len(videos) and sorted(store) == sorted(videos)
+    for key, frames in videos.items():
+        assert store[key]["nframes"] == len(frames) and store[key]["frames_indices"] == list(range(len(frames)))
+        np.testing.assert_array_equal(store.get(key).frames, frames)
+    for missing in ("0" * 20, "f" * 20, "0" * 19 + "4"):
+        with pytest.raises(KeyError):
+            store[missing]

@@ -300,3 +300,48 @@ def test_a_bounded_duckdb_writes_the_same_bytes_and_names_its_limit(project):
     small.validate_.memory_limit = "1MB"
     with pytest.raises(PipelineError, match="more memory than validate.memory_limit 1MB .*raise validate.memory_limit"):
         run(small, project)
+
+
+JSON_ARRAYS = [
+    "[]",
+    " \ufeff[ ]\n",
+    '[{"messages": [{"role": "user", "content": "h\\u00e9 \\u2028 é"}], "n": 1.50}, 12345, [1, [2]], "s"]',
+    json.dumps([{"messages": [{"role": "user", "content": "x" * 50}], "i": i} for i in range(40)], indent=2),
+]
+BAD_JSON_ARRAYS = ["[{}, ]", "[{} {}]", "[{}", "{}", "[{}] x", '[{"a": }]', "", "[,]"]
+
+
+@pytest.mark.parametrize("read_bytes", [1, 7, 64, 1 << 20])
+def test_json_arrays_stream_in_blocks_as_parsing_them_whole_would(read_bytes, monkeypatch, tmp_path):
+    from stages.validate import load
+
+    monkeypatch.setattr(load, "READ_BYTES", read_bytes)
+    monkeypatch.setattr(load, "BATCH_ROWS", 3)
+    path = tmp_path / "a.json"
+    for text in JSON_ARRAYS:
+        path.write_text(text, encoding="utf-8")
+        streamed = [line for lines, _ in load._json_array_rows(path) for line in lines]
+        assert streamed == [json.dumps(x, ensure_ascii=False) for x in json.loads(text.lstrip(" \ufeff"))]
+    for text in BAD_JSON_ARRAYS:
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(StageInputError, match="a.json"):
+            list(load._json_array_rows(path))
+    path.write_bytes(b'[{"a": "\xff"}]')
+    with pytest.raises(StageInputError, match="not a valid JSON file"):
+        list(load._json_array_rows(path))
+
+
+@pytest.mark.parametrize("read_bytes", [1, 5, 1 << 20])
+def test_jsonl_streams_in_blocks_with_the_same_rows_and_reasons(read_bytes, monkeypatch, tmp_path):
+    from stages.validate import load
+
+    monkeypatch.setattr(load, "READ_BYTES", read_bytes)
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'{"a": "\xc3\xa9"}\n\n  \n{"b": "\xff"}\r\n{"c": "\xe2\x80\xa8"}\n{"d": 1}')
+    rows = [(line, reason) for lines, reasons in load._jsonl_rows(path) for line, reason in zip(lines, reasons)]
+    assert rows == [
+        ('{"a": "é"}', None),
+        ('{"b": "\\xff"}\r', "invalid_utf8"),
+        ('{"c": "\u2028"}', None),
+        ('{"d": 1}', None),
+    ]
