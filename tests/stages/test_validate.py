@@ -338,7 +338,9 @@ def test_jsonl_streams_in_blocks_with_the_same_rows_and_reasons(read_bytes, monk
     monkeypatch.setattr(load, "READ_BYTES", read_bytes)
     path = tmp_path / "a.jsonl"
     path.write_bytes(b'{"a": "\xc3\xa9"}\n\n  \n{"b": "\xff"}\r\n{"c": "\xe2\x80\xa8"}\n{"d": 1}')
-    rows = [(line, reason) for lines, reasons in load._jsonl_rows(path) for line, reason in zip(lines, reasons)]
+    rows = [
+        (line, reason) for lines, reasons in load._jsonl_rows(path) for line, reason in zip(lines, reasons, strict=True)
+    ]
     assert rows == [
         ('{"a": "é"}', None),
         ('{"b": "\\xff"}\r', "invalid_utf8"),
