@@ -68,11 +68,13 @@ TOKENIZE_REJECTS_SCHEMA = pa.schema(
     ]
 )
 
-# data/packed/packs.parquet: one row per pack
+# data/packed/packs.parquet: one row per pack; sample_rows are the samples' row numbers in data/tokenized (what the
+# trainer reads them by), sample_ids the same samples by id (for people and checks)
 PACKS_SCHEMA = pa.schema(
     [
         ("pack_id", pa.int64()),
         ("sample_ids", pa.list_(pa.string())),
+        ("sample_rows", pa.list_(pa.int64())),
         ("lengths", pa.list_(pa.int32())),
         ("total", pa.int64()),
     ]

@@ -63,10 +63,10 @@ def run(params: Params, root: Path = Path(".")) -> PackResult:
     if not (root / TOKENIZED).is_file():
         raise StageInputError(f"{root / TOKENIZED} not found: run `qvl tokenize` first")
     table = pq.read_table(root / TOKENIZED, columns=["sample_id", "length"])
-    ids = np.array(table.column("sample_id").to_pylist(), dtype=object)
     lengths = table.column("length").to_numpy().astype(np.int64)
     fits = lengths <= cfg.packing_length
-    ids, lengths, dropped = ids[fits], lengths[fits], int((~fits).sum())
+    rows = np.flatnonzero(fits)  # tokenized row numbers: what the trainer reads the samples by
+    lengths, dropped = lengths[fits], int((~fits).sum())
     capacity = cfg.packing_length if cfg.packing else int(lengths.max(initial=1))
     assigned = (
         assign_packs(lengths, capacity, cfg.packing_strategy, cfg.seed) if cfg.packing else np.arange(len(lengths))
@@ -75,23 +75,28 @@ def run(params: Params, root: Path = Path(".")) -> PackResult:
     pack_order = np.random.default_rng(cfg.seed).permutation(n_packs)  # new position of each pack
     order = np.lexsort((np.arange(len(assigned)), pack_order[assigned]))  # by new pack id, then input order
     new_ids = pack_order[assigned][order]
-    bounds = np.flatnonzero(np.diff(new_ids)) + 1
-    groups = np.split(order, bounds) if len(order) else []
+    bounds = np.flatnonzero(np.diff(new_ids)) + 1 if len(order) else np.zeros(0, np.int64)
+    starts = np.concatenate([[0], bounds]) if len(order) else bounds
+    offsets = pa.array(np.concatenate([starts, [len(order)]]), pa.int32())  # pack k: [offsets[k], offsets[k + 1])
+    packed_rows, packed_lengths = rows[order], lengths[order]
+    ids = table.column("sample_id").take(packed_rows).combine_chunks()
     table = pa.table(
         {
-            "pack_id": pa.array(np.arange(len(groups)), pa.int64()),
-            "sample_ids": pa.array([ids[g].tolist() for g in groups], pa.list_(pa.string())),
-            "lengths": pa.array([lengths[g].tolist() for g in groups], pa.list_(pa.int32())),
-            "total": pa.array([int(lengths[g].sum()) for g in groups], pa.int64()),
+            "pack_id": pa.array(np.arange(len(starts)), pa.int64()),
+            "sample_ids": pa.ListArray.from_arrays(offsets, ids),
+            "sample_rows": pa.ListArray.from_arrays(offsets, pa.array(packed_rows, pa.int64())),
+            "lengths": pa.ListArray.from_arrays(offsets, pa.array(packed_lengths, pa.int32())),
+            "total": pa.array(np.add.reduceat(packed_lengths, starts) if len(starts) else [], pa.int64()),
         },
         schema=PACKS_SCHEMA,
     )
+    n_groups = table.num_rows
     write_packs(table, root / OUT_DIR)
     tokens = int(lengths.sum())
-    efficiency = tokens / (len(groups) * cfg.packing_length) if groups else 0.0
+    efficiency = tokens / (n_groups * cfg.packing_length) if n_groups else 0.0
     result = PackResult(
         len(lengths),
-        len(groups),
+        n_groups,
         tokens,
         cfg.packing_length,
         round(efficiency, 6),

@@ -68,7 +68,7 @@ def preflight(params: Params, root: Path, world: int) -> None:
     import pyarrow.compute as pc
 
     from stages.arrowfile import open_arrow
-    from stages.train.samples import TOKENIZED_ARROW
+    from stages.train.samples import TOKENIZED_ARROW, check_pack_rows
 
     for path in (PACKS, TOKENIZED, TOKENIZED_ARROW):
         if not (root / path).is_file():
@@ -92,14 +92,7 @@ def preflight(params: Params, root: Path, world: int) -> None:
             f"the processor's tokenizer has {len(tokenizer)} tokens but the data was tokenized "
             f"with {int(expected)}: re-run tokenize with this processor"
         )
-    packed = pq.read_table(root / PACKS, columns=["sample_ids"]).column("sample_ids")
-    in_packs = pc.list_flatten(packed)
-    missing = in_packs.filter(pc.invert(pc.is_in(in_packs, value_set=tokenized.column("sample_id").combine_chunks())))
-    if len(missing):
-        raise StageInputError(
-            f"{len(missing)} sample(s) in the packs are not in the tokenized data (e.g. "
-            f"{missing[0].as_py()}): re-run pack after tokenize"
-        )
+    packed = check_pack_rows(pq.read_table(root / PACKS, columns=["sample_ids", "sample_rows"]), tokenized)
     videos = pc.unique(pc.list_flatten(tokenized.column("video_keys")))
     if len(videos):
         index = root / "data/frames/index.parquet"

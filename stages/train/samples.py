@@ -2,8 +2,8 @@
 
 data/tokenized/samples.arrow (an uncompressed Arrow IPC file that tokenize writes beside samples.parquet) is
 memory-mapped: the operating system pages in only the rows a rank builds, and every rank on a node shares the
-same page cache. A row is materialised when it is built. The packs name samples by id; their ids are turned once
-into tokenized row numbers (one integer per packed sample), so building a pack never searches by string.
+same page cache. A row is materialised when it is built. The packs name their samples by tokenized row number
+(one integer per packed sample), so building a pack never searches by string.
 """
 
 from __future__ import annotations
@@ -106,19 +106,39 @@ class TokenizedSamples(Mapping):
         return self.table.column("sample_id").take(pa.array(rows, pa.int64())).to_pylist()
 
 
+def check_pack_rows(packs: pa.Table, tokenized: pa.Table) -> pa.Table:
+    """``packs`` if each packed sample's row number (sample_rows) is, in the tokenized data, the row of its id
+    (sample_ids); otherwise a StageInputError saying to re-run pack (packs made from other tokenized data, or by
+    a version of pack that wrote no row numbers). Arrow compute over the columns: no Python object per sample."""
+    if "sample_rows" not in packs.column_names:
+        raise StageInputError(f"{PACKS} has no sample_rows (made by an older pack): re-run pack")
+    rows, ids = (pc.list_flatten(packs.column(name)) for name in ("sample_rows", "sample_ids"))
+    outside = pc.or_(pc.less(rows, 0), pc.greater_equal(rows, tokenized.num_rows))
+    rows = pc.if_else(outside, 0, rows)  # so that take() can run; these samples count as mismatched below
+    wrong = pc.or_(outside, pc.not_equal(tokenized.column("sample_id").take(rows), ids))
+    if pc.any(wrong).as_py():
+        bad = ids.filter(wrong)
+        raise StageInputError(
+            f"{len(bad)} sample(s) in the packs are not at their row of the tokenized data (e.g. {bad[0].as_py()}): "
+            "re-run pack after tokenize"
+        )
+    return packs
+
+
 class Packs(Mapping):
     """pack_id -> its sample ids (in the pack stage's order); ``rows(pack_id)``: their tokenized row numbers.
 
-    Holds two integer arrays per packed sample and one per pack, never the samples themselves."""
+    Reads only the packs' integer columns (pack_id, sample_rows: one int64 per packed sample), never the
+    samples or their ids; `qvl train`'s preflight has checked that the rows name the packs' samples."""
 
     def __init__(self, path: Path, samples: TokenizedSamples):
         self.samples = samples
-        table = pq.read_table(path, columns=["pack_id", "sample_ids"])
+        table = pq.read_table(path, columns=["pack_id", "sample_rows"])
         self.pack_ids = table.column("pack_id").to_numpy()
-        lists = table.column("sample_ids").combine_chunks()
+        lists = table.column("sample_rows").combine_chunks()
         offsets = lists.offsets.to_numpy().astype(np.int64)
         self.offsets = offsets - offsets[0]
-        self.sample_rows = samples.rows_of(lists.flatten())
+        self.sample_rows = lists.flatten().to_numpy()
         self.order = np.argsort(self.pack_ids, kind="stable")
 
     def __len__(self) -> int:

@@ -105,6 +105,14 @@ def write_tokenized(root, lengths):
     return ids
 
 
+def test_sample_rows_are_tokenized_row_numbers_after_overlong_samples_are_dropped(tmp_path):
+    ids = write_tokenized(tmp_path, [5, 2000, 7, 3000, 9, 1000])
+    pack(parse_params({"dataset_config": {"packing_length": 1024}}), tmp_path)
+    packs = pq.read_table(tmp_path / "data/packed/packs.parquet").to_pylist()
+    assert sorted(r for p in packs for r in p["sample_rows"]) == [0, 2, 4, 5]
+    assert all(p["sample_ids"] == [ids[r] for r in p["sample_rows"]] for p in packs)
+
+
 @pytest.mark.parametrize("packing", [True, False])
 def test_stage_writes_every_sample_once(tmp_path, packing):
     lengths = np.random.default_rng(1).integers(1, 900, 300).tolist()
@@ -119,6 +127,7 @@ def test_stage_writes_every_sample_once(tmp_path, packing):
     length_of = dict(zip(ids, lengths, strict=True))
     for p in packs:
         assert p["lengths"] == [length_of[s] for s in p["sample_ids"]] and p["total"] == sum(p["lengths"]) <= 1024
+        assert p["sample_rows"] == [ids.index(s) for s in p["sample_ids"]]  # what the trainer reads them by
     metrics = json.loads((tmp_path / "metrics/pack.json").read_text())
     assert metrics["packs"] == len(packs) and metrics["samples"] == len(ids)
     assert metrics["efficiency"] == pytest.approx(sum(lengths) / (len(packs) * 1024), abs=1e-6)

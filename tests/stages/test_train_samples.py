@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoProcessor
 from schemas.errors import StageInputError
 from stages.families import family
 from stages.train.data import IGNORE, RowBuilder
-from stages.train.samples import PACKS, TOKENIZED_ARROW, Packs, TokenizedSamples
+from stages.train.samples import PACKS, TOKENIZED_ARROW, TokenizedSamples, check_pack_rows
 from tests.conftest import pipeline_params
 
 
@@ -64,14 +64,27 @@ def test_workers_get_the_path_not_the_rows(packed_project):
     assert a.vision.keys() == b.vision.keys() and all(torch.equal(a.vision[k], b.vision[k]) for k in a.vision)
 
 
-def test_a_packed_sample_missing_from_the_tokenized_data_is_named(packed_project, tmp_path):
+def test_packs_whose_rows_do_not_name_their_samples_are_refused(packed_project, tmp_path):
+    """The trainer reads packed samples by row number; packs made from other tokenized data (a row number that
+    now holds another sample, or no row at all) or by an older pack (no row numbers) are named, not trained."""
     root = packed_project[0]
     packs = pq.read_table(root / PACKS)
-    lists = packs.column("sample_ids").to_pylist()
-    lists[0] = lists[0] + ["no-such-sample"]
-    pq.write_table(packs.set_column(1, "sample_ids", pa.array(lists, pa.list_(pa.string()))), tmp_path / "p.parquet")
-    with pytest.raises(StageInputError, match="1 sample.*no-such-sample.*re-run pack"):
-        Packs(tmp_path / "p.parquet", TokenizedSamples(root / TOKENIZED_ARROW))
+    tokenized = TokenizedSamples(root / TOKENIZED_ARROW).table
+    assert check_pack_rows(packs, tokenized) is packs
+    rows = packs.column("sample_rows").to_pylist()
+    at = packs.schema.get_field_index("sample_rows")
+    for change, first_id in (
+        (lambda r: r[0].__setitem__(0, r[0][0] + 1), packs.column("sample_ids")[0][0].as_py()),
+        (lambda r: r[-1].__setitem__(-1, tokenized.num_rows), packs.column("sample_ids")[-1][-1].as_py()),
+        (lambda r: r[-1].__setitem__(-1, -1), packs.column("sample_ids")[-1][-1].as_py()),
+    ):
+        changed = [list(r) for r in rows]
+        change(changed)
+        broken = packs.set_column(at, "sample_rows", pa.array(changed, pa.list_(pa.int64())))
+        with pytest.raises(StageInputError, match=rf"^1 sample\(s\) .*\(e.g. {first_id}\): re-run pack after tokenize"):
+            check_pack_rows(broken, tokenized)
+    with pytest.raises(StageInputError, match="no sample_rows .*re-run pack"):
+        check_pack_rows(packs.remove_column(at), tokenized)
     with pytest.raises(StageInputError, match="samples.arrow not found: run `qvl tokenize`"):
         TokenizedSamples(tmp_path / "samples.arrow")
 
@@ -92,9 +105,10 @@ def test_preflight_names_data_that_does_not_match(packed_project, tmp_path):
 
     def extra_packed_id(root):
         packs = pq.read_table(root / PACKS)
-        lists = packs.column("sample_ids").to_pylist()
-        lists[-1] = lists[-1] + ["no-such-sample"]
-        pq.write_table(packs.set_column(1, "sample_ids", pa.array(lists, pa.list_(pa.string()))), root / PACKS)
+        ids, rows = packs.column("sample_ids").to_pylist(), packs.column("sample_rows").to_pylist()
+        ids[-1], rows[-1] = ids[-1] + ["no-such-sample"], rows[-1] + [0]
+        packs = packs.set_column(1, "sample_ids", pa.array(ids, pa.list_(pa.string())))
+        pq.write_table(packs.set_column(2, "sample_rows", pa.array(rows, pa.list_(pa.int64()))), root / PACKS)
 
     def token_past_vocab(root):
         rows = TokenizedSamples(root / TOKENIZED_ARROW).table
@@ -110,7 +124,7 @@ def test_preflight_names_data_that_does_not_match(packed_project, tmp_path):
         pq.write_table(pq.read_table(index).slice(1), index)
 
     cases = {
-        "packs": (extra_packed_id, r"1 sample\(s\) in the packs are not in the tokenized data \(e.g. no-such-sample\)"),
+        "packs": (extra_packed_id, r"1 sample\(s\) in the packs are not at their row .* \(e.g. no-such-sample\)"),
         "vocab": (token_past_vocab, f"tokenized data holds token id {vocab} but the model's vocabulary has {vocab}"),
         "video": (video_not_decoded, r"1 video\(s\) of the tokenized data are missing from data/frames"),
         "arrow": (lambda root: (root / TOKENIZED_ARROW).unlink(), "samples.arrow not found: run `qvl tokenize`"),
