@@ -1,6 +1,6 @@
 """Dataset scale (issue 21): each stage's peak RSS and time at growing N, so growth with the dataset is visible.
 
-Usage: python benchmarks/scale_bench.py [--samples 20000,200000] [--packs 16] [--keep DIR]
+Usage: python benchmarks/scale_bench.py [--samples 20000,200000] [--packs 16] [--memory-limit 1GB] [--keep DIR]
        python benchmarks/scale_bench.py --stage NAME --root DIR   (one stage in this process; prints one JSON line)
 
 N synthetic text-only chats (a question of 5-60 words, an answer of 20-300) go through the real validate ->
@@ -56,7 +56,7 @@ def write_chats(path: Path, samples: int, seed: int = 0) -> None:
             f.write(json.dumps({"messages": messages}) + "\n")
 
 
-def workspace_params(model_dir: Path) -> dict:
+def workspace_params(model_dir: Path, memory_limit: str | None = None) -> dict:
     return {
         "dataset_config": {
             "datasets": [{"path": "data/chats.jsonl", "data_folder": "data", "data_type": "jsonl"}],
@@ -65,7 +65,7 @@ def workspace_params(model_dir: Path) -> dict:
             "packing_strategy": "first_fit_decreasing",
         },
         "model_config": {"load_from_pretrained_path": str(model_dir)},
-        "validate": {"media_cache": ".cache/media.duckdb"},
+        "validate": {"media_cache": ".cache/media.duckdb", **({"memory_limit": memory_limit} if memory_limit else {})},
     }
 
 
@@ -123,15 +123,19 @@ def child(stage: str, root: Path, packs: int) -> None:
         "seconds": round(time.perf_counter() - started, 2),
         "rss_after_imports_mb": round(base),
         "peak_rss_mb": round(peak_mb()),
+        # at the end: anonymous memory (the process's own) and mapped file pages (page cache, shared by processes
+        # mapping the same file and reclaimable; mmap faults read ahead, so this grows with how spread the rows are)
+        "rss_anon_end_mb": round(rss_mb("RssAnon")),
+        "rss_file_end_mb": round(rss_mb("RssFile")),
         "workers_peak_rss_mb": round(workers_peak_mb()),
         **extra,
     }
     print(json.dumps(figures), flush=True)
 
 
-def measure(root: Path, samples: int, model_dir: Path, packs: int) -> list[dict]:
+def measure(root: Path, samples: int, model_dir: Path, packs: int, memory_limit: str | None) -> list[dict]:
     write_chats(root / "data/chats.jsonl", samples)
-    (root / PARAMS).write_text(json.dumps(workspace_params(model_dir)))
+    (root / PARAMS).write_text(json.dumps(workspace_params(model_dir, memory_limit)))
     results = []
     for stage in STAGES:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", stage, "--root", str(root)]
@@ -148,6 +152,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", default="20000,200000")
     ap.add_argument("--packs", type=int, default=128)
+    ap.add_argument("--memory-limit", help="validate.memory_limit (default: the stage's own)")
     ap.add_argument("--keep", type=Path, help="build the workspaces under this folder and keep them")
     ap.add_argument("--stage", choices=STAGES)
     ap.add_argument("--root", type=Path)
@@ -163,7 +168,7 @@ def main() -> None:
         for n in (int(x) for x in args.samples.split(",")):
             root = base / f"n{n}"
             root.mkdir(parents=True, exist_ok=True)
-            measure(root, n, model_dir.resolve(), args.packs)
+            measure(root, n, model_dir.resolve(), args.packs, args.memory_limit)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ class TrainerArgs(Section):
     fsdp_config: FsdpConfig = Field(default_factory=FsdpConfig)
     sp_ulysses_degree: int = Field(1, ge=1)
     dataloader_num_workers: int = 1
+    balance_packs: bool = True  # spread each step's packs over the data-parallel ranks by estimated FLOPs
     report_to: list[Literal["tensorboard", "wandb", "none"]] = Field(default_factory=lambda: ["none"])
     nproc_per_node: int | None = None
     nnodes: int = 1

@@ -69,7 +69,8 @@ TOKENIZE_REJECTS_SCHEMA = pa.schema(
 )
 
 # data/packed/packs.parquet: one row per pack; sample_rows are the samples' row numbers in data/tokenized (what the
-# trainer reads them by), sample_ids the same samples by id (for people and checks)
+# trainer reads them by), sample_ids the same samples by id (for people and checks); total (tokens), label_tokens,
+# attention_sq (sum of the squared sample lengths) and vision_patches are what a pack's compute cost is made of
 PACKS_SCHEMA = pa.schema(
     [
         ("pack_id", pa.int64()),
@@ -77,5 +78,8 @@ PACKS_SCHEMA = pa.schema(
         ("sample_rows", pa.list_(pa.int64())),
         ("lengths", pa.list_(pa.int32())),
         ("total", pa.int64()),
+        ("label_tokens", pa.int64()),
+        ("attention_sq", pa.int64()),
+        ("vision_patches", pa.int64()),
     ]
 )

@@ -24,7 +24,7 @@ from schemas.params import Params
 from schemas.tables import DECODE_REJECTS_SCHEMA, FRAME_INDEX_SCHEMA
 from stages.decode.ffmpeg_frames import DecodeError, decode_planned, displayed_size
 from stages.decode.sampling import SamplingOptions, plan_frames, video_key
-from stages.decode.shards import INDEX_FILE, ShardWriter
+from stages.decode.shards import INDEX_ARROW, INDEX_FILE, ShardWriter
 from stages.executor import map_chunks
 from stages.families import family
 from stages.io import atomic_dir, relative_to_root, write_json
@@ -124,13 +124,14 @@ def _one_torch_thread() -> None:
 
 
 class IndexWriter:
-    """index.parquet (FRAME_INDEX_SCHEMA), written ROWS rows at a time as videos finish: a stage over a million
-    videos never holds a million index rows."""
+    """index.parquet (FRAME_INDEX_SCHEMA) and the same rows as index.arrow (memory-mapped by FrameStore), written
+    ROWS rows at a time as videos finish: a stage over a million videos never holds a million index rows."""
 
     ROWS = 4096
 
-    def __init__(self, path: Path):
-        self.writer = pq.ParquetWriter(path, FRAME_INDEX_SCHEMA)
+    def __init__(self, folder: Path):
+        self.writer = pq.ParquetWriter(folder / INDEX_FILE, FRAME_INDEX_SCHEMA)
+        self.arrow = pa.ipc.new_file(str(folder / INDEX_ARROW), FRAME_INDEX_SCHEMA)  # owns and closes the file
         self.pending: list[dict] = []
         self.rows = 0
 
@@ -142,7 +143,9 @@ class IndexWriter:
 
     def _flush(self) -> None:
         if self.pending:
-            self.writer.write_table(pa.Table.from_pylist(self.pending, schema=FRAME_INDEX_SCHEMA))
+            table = pa.Table.from_pylist(self.pending, schema=FRAME_INDEX_SCHEMA)
+            self.writer.write_table(table)
+            self.arrow.write_table(table)
             self.pending = []
 
     def __enter__(self) -> IndexWriter:
@@ -151,6 +154,7 @@ class IndexWriter:
     def __exit__(self, *exc) -> None:
         self._flush()
         self.writer.close()
+        self.arrow.close()
 
 
 def rejects_table(root: Path, rejected: list[tuple[VideoJob, DecodeError]]) -> pa.Table:
@@ -219,7 +223,7 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
     workers = params.decode.workers or os.cpu_count() or 1
     threads = max(1, (os.cpu_count() or 1) // workers)
     rejected, frames_total, raw_bytes = [], 0, 0
-    with atomic_dir(root / OUT_DIR) as tmp, IndexWriter(tmp / INDEX_FILE) as index:
+    with atomic_dir(root / OUT_DIR) as tmp, IndexWriter(tmp) as index:
         writer = ShardWriter(tmp, params.decode.shard_target_mb * 1024 * 1024)
         decode = partial(
             decode_job, options=options, patch_size=fam.patch_size, root=str(root.resolve()), threads=threads

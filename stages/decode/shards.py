@@ -18,8 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas.tables import FRAME_SCHEMA
+from stages.arrowfile import open_arrow
 
 INDEX_FILE = "index.parquet"
+INDEX_ARROW = "index.arrow"  # the same rows, uncompressed, for memory-mapped lookups
 
 
 class ShardWriter:
@@ -87,18 +89,21 @@ class FrameStore(Mapping):
     """Random access to pre-decoded videos by ``video_key``: ``store[key]`` is the video's index row (a dict, made
     on access), ``store.get(key)`` its frames.
 
-    The index stays an Arrow table; the keys are held once as a sorted fixed-width bytes array (video keys are
-    20 hex characters), so a process holds about 30 bytes per video, not a dict per video."""
+    The index is read from index.arrow, memory-mapped (see stages/arrowfile.py): a process holds only the keys,
+    once, as a sorted fixed-width bytes array (video keys are 20 hex characters). Measured with a synthetic index
+    of 1M videos (32 frames each): 0.3 s and +34 MB of the process's own memory to open, 40-80 us a lookup (the
+    pages read are page cache, shared by the processes of a machine), against 9.3 s and +3.5 GB for the whole
+    index as dicts, in every tokenize worker, training rank and DataLoader worker."""
 
     def __init__(self, frames_dir: str | Path):
         self.dir = Path(frames_dir)
-        self.table = pq.read_table(self.dir / INDEX_FILE)
+        self.table = open_arrow(self.dir / INDEX_ARROW, "decode")
         keys = self.table.column("video_key").to_numpy(zero_copy_only=False).astype("S")
         self.order = np.argsort(keys, kind="stable")
         self.sorted_keys = keys[self.order]
         self._file = lru_cache(maxsize=64)(self._open)  # open shard handles, per store
 
-    def __getstate__(self) -> dict:  # worker processes re-read the index instead of receiving a copy of it
+    def __getstate__(self) -> dict:  # worker processes re-map the index instead of receiving a copy of it
         return {"dir": self.dir}
 
     def __setstate__(self, state: dict) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.errors import StageInputError
@@ -25,6 +26,7 @@ from stages.pack.algorithms import assign_packs, pack_lengths
 __all__ = ["pack_lengths", "run", "PackResult"]
 
 TOKENIZED = Path("data/tokenized/samples.parquet")
+COST_INPUTS = ("label_tokens", "image_grid_thw", "video_grid_thw")
 OUT_DIR = Path("data/packed")
 METRICS = Path("metrics/pack.json")
 
@@ -57,12 +59,25 @@ def write_packs(table: pa.Table, out_dir: Path) -> None:
         (tmp / target.name).write_bytes(data)
 
 
+def sample_costs(tokenized: pa.Table) -> dict[str, np.ndarray]:
+    """Per tokenized sample: label tokens and vision patches (the sum of t x h x w over its image and video grids),
+    the inputs of a pack's cost besides its lengths (stages/train/telemetry.py turns them into FLOPs)."""
+    patches = np.zeros(tokenized.num_rows, np.int64)
+    for name in ("image_grid_thw", "video_grid_thw"):
+        grids = tokenized.column(name).combine_chunks()  # list<list<int32>>: a sample's grids
+        flat = grids.flatten()
+        per_grid = flat.flatten().to_numpy().astype(np.int64).reshape(-1, 3).prod(axis=1)
+        owner = pc.list_parent_indices(grids).to_numpy()
+        patches += np.bincount(owner, weights=per_grid, minlength=tokenized.num_rows).astype(np.int64)
+    return {"label_tokens": tokenized.column("label_tokens").to_numpy().astype(np.int64), "vision_patches": patches}
+
+
 def run(params: Params, root: Path = Path(".")) -> PackResult:
     start = time.perf_counter()
     cfg = params.dataset_config
     if not (root / TOKENIZED).is_file():
         raise StageInputError(f"{root / TOKENIZED} not found: run `qvl tokenize` first")
-    table = pq.read_table(root / TOKENIZED, columns=["sample_id", "length"])
+    table = pq.read_table(root / TOKENIZED, columns=["sample_id", "length", *COST_INPUTS])
     lengths = table.column("length").to_numpy().astype(np.int64)
     fits = lengths <= cfg.packing_length
     rows = np.flatnonzero(fits)  # tokenized row numbers: what the trainer reads the samples by
@@ -80,13 +95,21 @@ def run(params: Params, root: Path = Path(".")) -> PackResult:
     offsets = pa.array(np.concatenate([starts, [len(order)]]), pa.int32())  # pack k: [offsets[k], offsets[k + 1])
     packed_rows, packed_lengths = rows[order], lengths[order]
     ids = table.column("sample_id").take(packed_rows).combine_chunks()
+
+    def per_pack(values: np.ndarray) -> pa.Array:
+        return pa.array(np.add.reduceat(values, starts) if len(starts) else [], pa.int64())
+
+    labels, patches = (sample_costs(table)[name][packed_rows] for name in ("label_tokens", "vision_patches"))
     table = pa.table(
         {
             "pack_id": pa.array(np.arange(len(starts)), pa.int64()),
             "sample_ids": pa.ListArray.from_arrays(offsets, ids),
             "sample_rows": pa.ListArray.from_arrays(offsets, pa.array(packed_rows, pa.int64())),
             "lengths": pa.ListArray.from_arrays(offsets, pa.array(packed_lengths, pa.int32())),
-            "total": pa.array(np.add.reduceat(packed_lengths, starts) if len(starts) else [], pa.int64()),
+            "total": per_pack(packed_lengths),
+            "label_tokens": per_pack(labels),
+            "attention_sq": per_pack(packed_lengths**2),
+            "vision_patches": per_pack(patches),
         },
         schema=PACKS_SCHEMA,
     )

@@ -8,6 +8,7 @@ each sample alone; pixels from the processor's image and video processors (video
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from schemas.params import DatasetConfig
 from stages.decode.shards import FrameStore
 from stages.families import ModelFamily
 from stages.tokenize.vision import VisionArgs
+from stages.train.balance import Assignment, balanced, in_order
 from stages.train.samples import PACKS, TOKENIZED_ARROW, Packs, TokenizedSamples
 
 IGNORE = -100
@@ -210,22 +212,31 @@ def epoch_order(pack_ids: list[int], epoch: int, seed: int) -> list[int]:
     return [pack_ids[i] for i in np.random.default_rng(seed + epoch).permutation(len(pack_ids))]
 
 
-def rank_micro_batches(
-    order: list[int], step: int, world: int, rank: int, per_device: int, accumulation: int
-) -> list[tuple[list[int], bool]]:
-    """This rank's micro-batches for global step ``step``: (pack ids, is_dummy) x accumulation.
+def step_assignment(
+    order: list[int],
+    step: int,
+    world: int,
+    per_device: int,
+    accumulation: int,
+    cost: Mapping[int, float] | None = None,
+) -> Assignment:
+    """Every rank's micro-batches of global step ``step``: [rank][micro-batch] -> pack ids.
 
-    The global batch is the next world x per_device x accumulation packs; a short last batch gives idle ranks a
-    label-free copy of a real pack, so collectives stay in step and every sample is seen exactly once.
+    The step's packs are the next world x per_device x accumulation packs of ``order``; with ``cost`` they are
+    spread over the ranks by estimated compute (balance.py), otherwise by position.
     """
     global_batch = world * per_device * accumulation
     chunk = order[step * global_batch : (step + 1) * global_batch]
-    micro = []
-    for a in range(accumulation):
-        start = (a * world + rank) * per_device
-        ids = chunk[start : start + per_device]
-        micro.append((ids, False) if ids else ([order[0]], True))
-    return micro
+    if cost is None:
+        return in_order(chunk, world, per_device, accumulation)
+    return balanced(chunk, cost, world, per_device, accumulation)
+
+
+def micro_batches(mine: list[list[int]], order: list[int]) -> list[tuple[list[int], bool]]:
+    """A rank's micro-batches of one step (its row of a step_assignment) as (pack ids, is_dummy): an empty one (a
+    short last step) becomes a label-free copy of a real pack, so collectives stay in step and every sample is seen
+    exactly once."""
+    return [(ids, False) if ids else ([order[0]], True) for ids in mine]
 
 
 class PrefetchLoader:

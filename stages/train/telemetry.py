@@ -54,20 +54,21 @@ def parameter_counts(model, vision_prefix: str) -> dict[str, int]:
     return counts
 
 
+def flops(counts: dict[str, int], text_config, tokens, attention_sq, label_positions, vision_patches):
+    """(language-model FLOPs, vision FLOPs) of one step's work (see the module docstring): ``attention_sq`` is the
+    sum of the squared packed sample lengths. Scalars or numpy arrays (one entry per pack) alike."""
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    attention = 12 * text_config.num_hidden_layers * text_config.num_attention_heads * head_dim * attention_sq
+    lm = 6 * counts["lm"] * tokens + 6 * counts["head"] * label_positions + attention
+    return lm, 6 * counts["vision"] * vision_patches
+
+
 def step_flops(
     counts: dict[str, int], text_config, seq_lengths: list[int], label_positions: int, vision_patches: int
 ) -> tuple[float, float]:
-    """(language-model FLOPs, vision FLOPs) for the given packed sample lengths (see the module docstring)."""
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-    attention = (
-        12
-        * text_config.num_hidden_layers
-        * text_config.num_attention_heads
-        * head_dim
-        * sum(n * n for n in seq_lengths)
-    )
-    lm = 6 * counts["lm"] * sum(seq_lengths) + 6 * counts["head"] * label_positions + attention
-    return lm, 6 * counts["vision"] * vision_patches
+    """(language-model FLOPs, vision FLOPs) for the given packed sample lengths."""
+    squares = sum(n * n for n in seq_lengths)
+    return flops(counts, text_config, sum(seq_lengths), squares, label_positions, vision_patches)
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -89,6 +90,10 @@ def summarize(history: list[dict]) -> dict:
         "steps": history[-1]["step"],
         "tokens": sum(h["tokens"] for h in history),
         "label_tokens": sum(h["label_tokens"] for h in history),
+        # estimated FLOPs of the busiest data-parallel rank over the mean rank, averaged over steps: as trained,
+        # and as the positional layout would have been (1.0: balanced; see stages/train/balance.py)
+        "straggler_ratio": sum(h["straggler"] for h in history) / len(history),
+        "straggler_ratio_in_order": sum(h["straggler_in_order"] for h in history) / len(history),
     }
 
 

@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ from schemas.errors import PipelineError
 from schemas.params import load_params
 from stages.families import family
 from stages.train import checkpoint
-from stages.train.data import LoaderState, PrefetchLoader, RowBuilder, epoch_order, rank_micro_batches
+from stages.train.balance import pack_costs, straggler_ratio
+from stages.train.data import LoaderState, PrefetchLoader, RowBuilder, epoch_order, micro_batches, step_assignment
 from stages.train.distributed import init_distributed
 from stages.train.forward import row_loss_sum
 from stages.train.liger import apply_liger
@@ -32,6 +34,7 @@ from stages.train.loading import materialize
 from stages.train.model import build_model, choose_attention, freeze, trainable_summary, wrap_fsdp2
 from stages.train.optim import build_optimizer, build_scheduler
 from stages.train.reporters import Reporters
+from stages.train.samples import PACKS
 from stages.train.sequence_parallel import build_layout, check_degree, shard_text_model_inputs
 from stages.train.telemetry import parameter_counts, peak_flops, speed, step_flops, summarize, write_outputs
 
@@ -83,6 +86,8 @@ def train(params_path: str) -> None:
     processor = AutoProcessor.from_pretrained(cfg.processor_config.processor_name)
     builder = RowBuilder.for_family(root, processor, cfg, fam, model.config)
     pack_ids = sorted(builder.packs)
+    cost = pack_costs(root / PACKS, counts, model.config.text_config)  # estimated FLOPs of each pack
+    balance = cost if args.balance_packs else None
     pad_id = processor.tokenizer.pad_token_id or 0  # SP padding: a label-free segment of its own, any id works
     global_batch = layout.dp_size * args.per_device_train_batch_size * args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(pack_ids) / global_batch)
@@ -118,18 +123,15 @@ def train(params_path: str) -> None:
     while step < total_steps:
         remaining = epoch_order(pack_ids, state.epoch, cfg.seed)[state.packs_done :]
         steps_left = math.ceil(len(remaining) / global_batch)
-        plan = [
-            mb
-            for s in range(steps_left)
-            for mb in rank_micro_batches(
-                remaining,
-                s,
-                layout.dp_size,
-                layout.dp_rank,
-                args.per_device_train_batch_size,
-                args.gradient_accumulation_steps,
-            )
-        ]
+        layout_of = partial(
+            step_assignment,
+            remaining,
+            world=layout.dp_size,
+            per_device=args.per_device_train_batch_size,
+            accumulation=args.gradient_accumulation_steps,
+        )
+        assignments = [layout_of(s, cost=balance) for s in range(steps_left)]  # what every rank trains, per step
+        plan = [mb for a in assignments for mb in micro_batches(a[layout.dp_rank], remaining)]
         # The DataLoader draws its workers' base seed from the global RNG when iterated: forked, so a resumed run
         # saves the same RNG state in its checkpoints as an uninterrupted one.
         with torch.random.fork_rng(devices=[]):
@@ -179,6 +181,8 @@ def train(params_path: str) -> None:
                     "packs": sorted(batch),
                     "lm_flops": lm_flops,
                     "vision_flops": vis_flops,
+                    "straggler": straggler_ratio(assignments[s], cost),
+                    "straggler_in_order": straggler_ratio(layout_of(s, cost=None), cost),
                 }
             )
             reporters.log(

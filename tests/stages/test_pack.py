@@ -96,12 +96,29 @@ def test_bad_input_is_a_clear_error():
     assert pack_lengths([], 10) == []
 
 
+def sample_images(i: int) -> list[list[int]]:
+    return [[1, 2 + (i + k) % 4, 4] for k in range(i % 3)]
+
+
+def sample_videos(i: int) -> list[list[int]]:
+    return [[2, 4, 6]] if i % 5 == 0 else []
+
+
 def write_tokenized(root, lengths):
+    """samples.parquet with the columns pack reads: sample i has i % 3 images and, every fifth, a video."""
     (root / "data/tokenized").mkdir(parents=True)
     ids = [f"s{i:04d}" for i in range(len(lengths))]
-    pq.write_table(
-        pa.table({"sample_id": ids, "length": pa.array(lengths, pa.int32())}), root / "data/tokenized/samples.parquet"
+    grids = pa.list_(pa.list_(pa.int32()))
+    table = pa.table(
+        {
+            "sample_id": ids,
+            "length": pa.array(lengths, pa.int32()),
+            "label_tokens": pa.array([n // 3 for n in lengths], pa.int32()),
+            "image_grid_thw": pa.array([sample_images(i) for i in range(len(lengths))], grids),
+            "video_grid_thw": pa.array([sample_videos(i) for i in range(len(lengths))], grids),
+        }
     )
+    pq.write_table(table, root / "data/tokenized/samples.parquet")
     return ids
 
 
@@ -128,6 +145,11 @@ def test_stage_writes_every_sample_once(tmp_path, packing):
     for p in packs:
         assert p["lengths"] == [length_of[s] for s in p["sample_ids"]] and p["total"] == sum(p["lengths"]) <= 1024
         assert p["sample_rows"] == [ids.index(s) for s in p["sample_ids"]]  # what the trainer reads them by
+        # what its compute cost is made of
+        assert p["label_tokens"] == sum(n // 3 for n in p["lengths"])
+        assert p["attention_sq"] == sum(n * n for n in p["lengths"])
+        grids = [g for i in p["sample_rows"] for g in sample_images(i) + sample_videos(i)]
+        assert p["vision_patches"] == sum(t * h * w for t, h, w in grids)
     metrics = json.loads((tmp_path / "metrics/pack.json").read_text())
     assert metrics["packs"] == len(packs) and metrics["samples"] == len(ids)
     assert metrics["efficiency"] == pytest.approx(sum(lengths) / (len(packs) * 1024), abs=1e-6)

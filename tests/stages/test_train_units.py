@@ -12,7 +12,8 @@ from schemas.errors import ConfigError, StageInputError
 from stages.families import family
 from stages.train import preflight
 from stages.train.attention import ATTENTION_NAME
-from stages.train.data import RowBuilder, rank_micro_batches
+from stages.train.balance import balanced, in_order, straggler_ratio
+from stages.train.data import RowBuilder, micro_batches, step_assignment
 from stages.train.forward import row_loss_sum
 from stages.train.model import freeze, trainable_summary
 from stages.train.optim import build_optimizer
@@ -100,20 +101,73 @@ def test_rows_have_per_sample_positions_and_no_cross_sample_labels(packed_projec
             assert row.targets[0, start : start + len(expected)].tolist() == expected
 
 
-def test_every_pack_once_per_epoch_whatever_the_split():
-    order = list(range(11))
-    for world, per_device, accumulation in [(1, 1, 2), (2, 1, 1), (2, 2, 2), (3, 1, 1)]:
+@pytest.mark.parametrize("balance", [False, True])
+def test_every_pack_once_per_epoch_whatever_the_split(balance):
+    order = [int(x) for x in np.random.default_rng(0).permutation(11)]
+    cost = {p: float(c) for p, c in enumerate(np.random.default_rng(1).integers(1, 100, 11))} if balance else None
+    for world, per_device, accumulation in [(1, 1, 2), (2, 1, 1), (2, 2, 2), (3, 1, 1), (4, 1, 2)]:
+        global_batch = world * per_device * accumulation
+        steps = -(-len(order) // global_batch)
         seen = []
-        steps = -(-len(order) // (world * per_device * accumulation))
         for step in range(steps):
-            for rank in range(world):
-                seen += [
-                    p
-                    for ids, dummy in rank_micro_batches(order, step, world, rank, per_device, accumulation)
-                    if not dummy
-                    for p in ids
-                ]
-        assert sorted(seen) == order
+            this_step = []
+            for mine in step_assignment(order, step, world, per_device, accumulation, cost):
+                micro = micro_batches(mine, order)
+                assert len(micro) == accumulation and all(len(ids) <= per_device for ids, _ in micro)
+                this_step += [p for ids, dummy in micro if not dummy for p in ids]
+            assert sorted(this_step) == sorted(order[step * global_batch : (step + 1) * global_batch])
+            seen += this_step
+        assert sorted(seen) == sorted(order)
+
+
+def test_positional_layout_written_out():
+    assert in_order(list(range(8)), world=2, per_device=2, accumulation=2) == [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]
+    assert in_order([7, 8, 9], world=2, per_device=1, accumulation=2) == [[[7], [9]], [[8], []]]
+
+
+def test_balanced_layout_written_out():
+    """Heaviest first, each to the least-loaded rank with a free slot; each rank's packs heaviest first."""
+    cost = {10: 8.0, 11: 7.0, 12: 6.0, 13: 5.0, 14: 1.0}
+    packs = [10, 11, 12, 13]
+    assert in_order(packs, 2, 1, 2) == [[[10], [12]], [[11], [13]]]  # loads 14 and 12
+    assert balanced(packs, cost, 2, 1, 2) == [[[10], [13]], [[11], [12]]]  # loads 13 and 13
+    assert straggler_ratio(in_order(packs, 2, 1, 2), cost) == pytest.approx(14 / 13)
+    assert straggler_ratio(balanced(packs, cost, 2, 1, 2), cost) == 1.0
+    # a slot limit: after 10 and 12, rank 1 is full, so 14 goes to rank 0 although rank 1 is lighter
+    assert balanced([10, 11, 12, 14], {10: 1.0, 11: 9.0, 12: 1.0, 14: 1.0}, 2, 2, 1) == [[[11, 14]], [[10, 12]]]
+    assert balanced([10, 11, 14], cost, 3, 1, 1) == [[[10]], [[11]], [[14]]]
+    assert balanced([10, 11], cost, 3, 1, 1) == [[[10]], [[11]], [[]]]  # a short step: the last rank idles
+    # ties go to the lower rank and the lower pack id: the same layout on every rank and after a resume
+    even = {p: 1.0 for p in range(6)}
+    assert balanced([5, 3, 1, 0, 2, 4], even, 2, 1, 3) == [[[0], [2], [4]], [[1], [3], [5]]]
+
+
+def test_pack_costs_follow_the_flop_formula(tmp_path):
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from stages.train.balance import pack_costs
+
+    pq.write_table(
+        pa.table(
+            {
+                "pack_id": pa.array([1, 0], pa.int64()),
+                "total": pa.array([30, 10], pa.int64()),
+                "label_tokens": pa.array([7, 2], pa.int64()),
+                "attention_sq": pa.array([500, 100], pa.int64()),
+                "vision_patches": pa.array([64, 0], pa.int64()),
+            }
+        ),
+        tmp_path / "packs.parquet",
+    )
+    text = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, head_dim=None)
+    counts = {"lm": 1000, "head": 300, "vision": 50}
+    # 6 N_lm tokens + 6 N_head labels + 12 layers heads head_dim sum(len^2) + 6 N_vision patches
+    assert pack_costs(tmp_path / "packs.parquet", counts, text) == {
+        1: 6 * 1000 * 30 + 6 * 300 * 7 + 12 * 2 * 4 * 8 * 500 + 6 * 50 * 64,
+        0: 6 * 1000 * 10 + 6 * 300 * 2 + 12 * 2 * 4 * 8 * 100,
+    }
 
 
 # Spot checks written out by hand: (parameter name, expected part, decays) per family.
