@@ -126,6 +126,9 @@ class ValidateConfig(Section):
 class DecodeConfig(Section):
     workers: int = 0
     shard_target_mb: int = 256
+    # exact: torchvision's bicubic + antialias in Python, the pixels qwen-vl-utils gives; fast: ffmpeg's bicubic
+    # scaler in its filter graph (close, not equal: the stage's metrics report the measured difference)
+    resize: Literal["exact", "fast"] = "exact"
 
 
 class RegistryConfig(Section):

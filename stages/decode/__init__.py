@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from tqdm import tqdm
 from schemas.errors import StageInputError
 from schemas.params import Params
 from schemas.tables import DECODE_REJECTS_SCHEMA, FRAME_INDEX_SCHEMA
-from stages.decode.ffmpeg_frames import DecodeError, decode_planned, displayed_size
+from stages.decode.ffmpeg_frames import DecodeError, decode_planned, displayed_size, fast_resize_error
 from stages.decode.sampling import SamplingOptions, plan_frames, video_key
 from stages.decode.shards import INDEX_ARROW, INDEX_FILE, ShardWriter
 from stages.executor import map_chunks
@@ -46,6 +46,7 @@ class VideoJob:
     src_width: int
     video_start: float | None
     video_end: float | None
+    check_resize: bool = False  # decode.resize fast: also measure this video's first frame against the exact resize
 
 
 def collect_jobs(root: Path, options: SamplingOptions) -> list[VideoJob]:
@@ -76,22 +77,26 @@ def collect_jobs(root: Path, options: SamplingOptions) -> list[VideoJob]:
     return sorted(jobs, key=lambda j: j.key)
 
 
-def decode_job(job: VideoJob, options: SamplingOptions, patch_size: int, root: str, threads: int):
-    """Runs in a worker process: (frames uint8 (T, H, W, 3), index fields) or a DecodeError."""
+def decode_job(job: VideoJob, options: SamplingOptions, patch_size: int, root: str, threads: int, resize: str):
+    """Runs in a worker process: (frames uint8 (T, H, W, 3), index fields) or a DecodeError. With
+    ``job.check_resize``, the fields carry ``resize_check`` (fast_resize_error of the first frame)."""
     try:
         if job.frame_paths:
             return _decode_frame_list(job, options, patch_size, root)
         path = os.path.join(root, job.path)
         height, width = displayed_size(path, job.src_height, job.src_width)
         plan = plan_frames(job.src_frames, job.src_fps, height, width, options, job.video_start, job.video_end)
-        frames = decode_planned(path, plan, height, width, threads)
-        return frames, {
+        frames = decode_planned(path, plan, height, width, threads, resize)
+        fields = {
             "frames_indices": plan.indices,
             "timestamps": plan.timestamps,
             "video_fps": plan.video_fps,
             "total_frames": plan.total_frames,
             "fps_sampled": plan.fps_sampled,
         }
+        if job.check_resize:
+            fields["resize_check"] = fast_resize_error(path, plan, height, width, frames[0])
+        return frames, fields
     except DecodeError as exc:
         return exc
     except (ValueError, OSError) as exc:  # qwen-vl-utils' range/frame-count checks, unreadable frame files
@@ -201,6 +206,34 @@ def rejects_table(root: Path, rejected: list[tuple[VideoJob, DecodeError]]) -> p
 
 
 @dataclass
+class ResizeCheck:
+    """decode.resize fast, measured: one frame of every FAST_CHECK_EVERY-th video (the first video included)
+    against the exact resize."""
+
+    abs_diff_sum: int = 0
+    values: int = 0
+    max_diff: int = 0
+    frames: int = 0
+
+    def add(self, check: dict) -> None:
+        self.abs_diff_sum += check["abs_diff_sum"]
+        self.values += check["values"]
+        self.max_diff = max(self.max_diff, check["max_diff"])
+        self.frames += 1
+
+    def metrics(self) -> dict:
+        mad = self.abs_diff_sum / self.values if self.values else None
+        return {
+            "fast_resize_mad": mad,
+            "fast_resize_max_diff": self.max_diff,
+            "fast_resize_frames_checked": self.frames,
+        }
+
+
+FAST_CHECK_EVERY = 8
+
+
+@dataclass
 class DecodeResult:
     videos: int
     decoded: int
@@ -209,10 +242,13 @@ class DecodeResult:
     samples_excluded: int
     shard_bytes: int
     raw_bytes: int
+    resize: str
+    resize_check: ResizeCheck | None
     seconds: float
 
     def metrics(self) -> dict:
-        return {k: v for k, v in vars(self).items() if k != "seconds"}
+        figures = {k: v for k, v in vars(self).items() if k not in ("seconds", "resize_check")}
+        return figures | (self.resize_check.metrics() if self.resize_check else {})
 
 
 def run(params: Params, root: Path = Path(".")) -> DecodeResult:
@@ -220,13 +256,22 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
     fam = family(params.dataset_config.processor_config.processor_type)
     options = SamplingOptions.from_config(params.dataset_config, fam)
     jobs = collect_jobs(root, options)
+    resize = params.decode.resize
+    check = ResizeCheck() if resize == "fast" else None
+    if check:
+        jobs = [replace(job, check_resize=i % FAST_CHECK_EVERY == 0) for i, job in enumerate(jobs)]
     workers = params.decode.workers or os.cpu_count() or 1
     threads = max(1, (os.cpu_count() or 1) // workers)
     rejected, frames_total, raw_bytes = [], 0, 0
     with atomic_dir(root / OUT_DIR) as tmp, IndexWriter(tmp) as index:
         writer = ShardWriter(tmp, params.decode.shard_target_mb * 1024 * 1024)
         decode = partial(
-            decode_job, options=options, patch_size=fam.patch_size, root=str(root.resolve()), threads=threads
+            decode_job,
+            options=options,
+            patch_size=fam.patch_size,
+            root=str(root.resolve()),
+            threads=threads,
+            resize=resize,
         )
         results = map_chunks(decode, jobs, workers=workers, config=params.orchestration, name="decode")
         for job, result in tqdm(
@@ -236,6 +281,8 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
                 rejected.append((job, result))
                 continue
             frames, fields = result
+            if "resize_check" in fields:
+                check.add(fields.pop("resize_check"))
             shard, group = writer.add(job.key, frames)
             frames_total += len(frames)
             raw_bytes += frames.nbytes
@@ -267,6 +314,8 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
         excluded,
         writer.bytes_written,
         raw_bytes,
+        resize,
+        check,
         time.perf_counter() - start,
     )
     write_json(root / METRICS, result.metrics())

@@ -217,6 +217,32 @@ def test_output_is_byte_identical_on_rerun(video_project):
     assert {p.name: p.read_bytes() for p in (video_project / "data/frames").iterdir()} == first
 
 
+def test_fast_resize_is_close_to_exact_and_reports_how_close(video_project):
+    """decode.resize fast (ffmpeg's bicubic scaler): the same frames and sizes as exact, pixels close; the stage's
+    metrics report the difference it measured, which equals the difference of the first video's first frame."""
+    exact_params = video_params("qwen2_5_vl", video_min_pixels=12544, video_max_pixels=50176)
+    fast_params = exact_params.model_copy(update={"decode": exact_params.decode.model_copy(update={"resize": "fast"})})
+    validate(exact_params, video_project)
+    decode(exact_params, video_project)
+    exact_metrics = json.loads((video_project / "metrics/decode.json").read_text())
+    assert exact_metrics["resize"] == "exact" and "fast_resize_mad" not in exact_metrics
+    exact = FrameStore(video_project / "data/frames")
+    exact_frames = {key: exact.get(key).frames.copy() for key in exact}
+    decode(fast_params, video_project)
+    fast = FrameStore(video_project / "data/frames")
+    assert sorted(fast) == sorted(exact_frames)
+    for key, frames in exact_frames.items():
+        mine = fast.get(key)
+        assert mine.frames.shape == frames.shape and mine.info["frames_indices"] == exact[key]["frames_indices"]
+        diff = np.abs(mine.frames.astype(np.int16) - frames.astype(np.int16))
+        assert 0 < diff.mean() < 1, key  # close, and not the exact path by mistake
+    first = sorted(exact_frames)[0]  # FAST_CHECK_EVERY: the first video in key order is always checked
+    diff = np.abs(fast.get(first).frames[0].astype(np.int16) - exact_frames[first][0].astype(np.int16))
+    metrics = json.loads((video_project / "metrics/decode.json").read_text())
+    assert metrics["resize"] == "fast" and metrics["fast_resize_frames_checked"] == 1
+    assert metrics["fast_resize_mad"] == pytest.approx(diff.mean()) and metrics["fast_resize_max_diff"] == diff.max()
+
+
 def test_missing_validate_output_is_a_clear_error(project):
     with pytest.raises(StageInputError, match="run `qvl validate` first"):
         decode(video_params("qwen2_5_vl"), project)
