@@ -139,6 +139,11 @@ def project(tmp_path, demo_dir) -> Path:
     return tmp_path
 
 
+# Decode in the test's own process: a worker pool's start-up (each worker imports torch and qwen-vl-utils, seconds)
+# would dominate clips this small. test_decode's byte-identity test runs the pool against it.
+DECODE_IN_PROCESS = {"workers": 1}
+
+
 def demo_params(**dataset_overrides):
     from schemas.params import parse_params
 
@@ -151,6 +156,7 @@ def demo_params(**dataset_overrides):
         {
             "dataset_config": {"datasets": datasets, **dataset_overrides},
             "validate": {"media_cache": ".cache/media.duckdb"},
+            "decode": DECODE_IN_PROCESS,
         }
     )
 
@@ -188,6 +194,7 @@ def pipeline_params(model_dir: Path, family_name: str, **trainer):
                 **trainer,
             },
             "validate": {"media_cache": ".cache/media.duckdb"},
+            "decode": DECODE_IN_PROCESS,
         }
     )
 

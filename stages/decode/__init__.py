@@ -121,13 +121,6 @@ def _decode_frame_list(job: VideoJob, options: SamplingOptions, patch_size: int,
     }
 
 
-def _one_torch_thread() -> None:
-    """Workers already run one per core: torch's own threads would only oversubscribe the CPU."""
-    import torch
-
-    torch.set_num_threads(1)
-
-
 class IndexWriter:
     """index.parquet (FRAME_INDEX_SCHEMA) and the same rows as index.arrow (memory-mapped by FrameStore), written
     ROWS rows at a time as videos finish: a stage over a million videos never holds a million index rows."""

@@ -22,7 +22,7 @@ from stages.decode.sampling import SamplingOptions
 from stages.decode.shards import FrameStore
 from stages.families import family
 from stages.validate import run as validate
-from tests.conftest import REPO, fill_disk
+from tests.conftest import DECODE_IN_PROCESS, REPO, fill_disk
 
 # Extra clips beside the demo's: NTSC fps, odd sizes, a long thin one (name: seconds, fps, width, height).
 EXTRA_CLIPS = {"ntsc.mp4": (2.0, 29.97, 333, 251), "long.mp4": (6.0, 15, 160, 96), "odd.mp4": (1.2, 12, 97, 131)}
@@ -75,7 +75,7 @@ def video_params(family_name: str, **video):
                 **video,
             },
             "validate": {"media_cache": ".cache/media.duckdb"},
-            "decode": {"workers": 2},
+            "decode": DECODE_IN_PROCESS,
         }
     )
 
@@ -162,6 +162,7 @@ def test_frame_list_video_equals_independently_decoded_frames(project):
                 ]
             },
             "validate": {"media_cache": ".cache/media.duckdb"},
+            "decode": DECODE_IN_PROCESS,
         }
     )
     validate(params, project)
@@ -186,6 +187,7 @@ def test_demo_truncated_video_is_rejected_with_its_samples(project):
         {
             "dataset_config": {"datasets": [{"path": "data/demo/chat.jsonl", "data_folder": "data/demo"}]},
             "validate": {"media_cache": ".c/m.duckdb"},
+            "decode": DECODE_IN_PROCESS,
         }
     )
     validate(params, project)
@@ -208,12 +210,13 @@ def test_demo_truncated_video_is_rejected_with_its_samples(project):
     assert " @ 0x" not in rejects[0]["detail"]
 
 
-def test_output_is_byte_identical_on_rerun(video_project):
+def test_output_is_byte_identical_on_rerun_and_from_a_worker_pool(video_project):
     params = video_params("qwen2_5_vl", video_min_pixels=12544, video_max_pixels=50176)
     validate(params, video_project)
     decode(params, video_project)
     first = {p.name: p.read_bytes() for p in (video_project / "data/frames").iterdir()}
-    decode(params, video_project)
+    pool = params.model_copy(update={"decode": params.decode.model_copy(update={"workers": 2})})
+    decode(pool, video_project)
     assert {p.name: p.read_bytes() for p in (video_project / "data/frames").iterdir()} == first
 
 

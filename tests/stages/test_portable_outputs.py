@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from schemas.params import parse_params
 from stages.decode import run as decode
 from stages.validate import run as validate
-from tests.conftest import demo_params
+from tests.conftest import DECODE_IN_PROCESS, demo_params
 
 
 def two_roots(project: Path, tmp_path_factory) -> list[Path]:
@@ -65,6 +65,7 @@ def test_decode_rejects_are_identical_from_two_roots(project, tmp_path_factory):
                 ]
             },
             "validate": {"media_cache": ".c/m.duckdb"},
+            "decode": DECODE_IN_PROCESS,
         }
     )
     roots = two_roots(project, tmp_path_factory)
