@@ -9,6 +9,7 @@ share a module-scoped fixture get one ``xdist_group``, so that fixture is built 
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -117,6 +118,15 @@ def cached_tiny_model(family_name: str) -> Path:
         if not (folder / "config.json").is_file():
             tiny_model.make_tiny_model(family_name, folder)
     return folder
+
+
+@functools.cache
+def processor_of(model_dir: Path | str):
+    """The real processor saved in ``model_dir``, loaded once per test process (2.2 s a load: the Qwen
+    vocabulary) and shared: tests must not change it."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(model_dir)
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
 from stages.tokenizer_build import SPECIAL_TOKENS
+from tests.conftest import processor_of
 
 MODEL_CLASSES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration}
 CHAT = [
@@ -23,7 +24,7 @@ CHAT = [
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_tokenizer_known_ids(tiny_models, family):
-    tok = AutoProcessor.from_pretrained(tiny_models[family]).tokenizer
+    tok = processor_of(tiny_models[family]).tokenizer
     assert tok("Hello world").input_ids == [9707, 1879]
     assert tok("你好").input_ids == [108386]
     assert tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == list(range(151643, 151657))
@@ -33,12 +34,12 @@ def test_tokenizer_known_ids(tiny_models, family):
 
 
 def test_qwen3_has_its_extra_tokens(tiny_models):
-    tok = AutoProcessor.from_pretrained(tiny_models["qwen3_vl"]).tokenizer
+    tok = processor_of(tiny_models["qwen3_vl"]).tokenizer
     assert tok.convert_tokens_to_ids(["<tool_response>", "</think>"]) == [151665, 151668]
 
 
 def test_qwen2_5_vl_chat_template_rendering(tiny_models):
-    processor = AutoProcessor.from_pretrained(tiny_models["qwen2_5_vl"])
+    processor = processor_of(tiny_models["qwen2_5_vl"])
     text = processor.apply_chat_template(CHAT, tokenize=False)
     assert text == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
@@ -50,7 +51,7 @@ def test_qwen2_5_vl_chat_template_rendering(tiny_models):
 
 
 def test_qwen3_vl_chat_template_rendering(tiny_models):
-    processor = AutoProcessor.from_pretrained(tiny_models["qwen3_vl"])
+    processor = processor_of(tiny_models["qwen3_vl"])
     text = processor.apply_chat_template(CHAT, tokenize=False)
     # The video is a bare <|video_pad|>: the processor adds per-frame timestamps and vision tokens itself.
     assert text == (
@@ -64,7 +65,7 @@ def test_qwen3_vl_chat_template_rendering(tiny_models):
 def test_model_loads_offline_and_runs(tiny_models, family, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = MODEL_CLASSES[family].from_pretrained(tiny_models[family])
-    processor = AutoProcessor.from_pretrained(tiny_models[family])
+    processor = processor_of(tiny_models[family])
     assert type(processor).__name__ == {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}[family]
     image = torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8)
     image_only = [CHAT[0], {"role": "user", "content": CHAT[1]["content"][:1] + CHAT[1]["content"][2:]}]

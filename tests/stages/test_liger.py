@@ -11,7 +11,7 @@ from liger_kernel.transformers.rms_norm import LigerRMSNorm
 from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig
 
 from schemas.errors import ConfigError
 from stages.families import family
@@ -27,7 +27,7 @@ from stages.train.kernels import (
     liger_kernels,
 )
 from stages.train.liger import apply_liger, replace_modules
-from tests.conftest import pipeline_params
+from tests.conftest import pipeline_params, processor_of
 
 CPU = torch.device("cpu")
 
@@ -61,7 +61,7 @@ def test_stand_ins_give_the_plain_loss_and_gradients(packed_project):
     fam = family(family_name)
     plain, liger = load_model(model_dir, fam), load_model(model_dir, fam)
     kernels, _ = apply_liger(liger, fam, CPU)
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = processor_of(model_dir)
     vision = VisionArgs.for_processor(processor, pipeline_params(model_dir, family_name).dataset_config)
     builder = RowBuilder(root, processor, vision, type(plain), plain.config)
     row = row_with_images_and_video(builder)
@@ -184,7 +184,7 @@ def test_plain_cross_entropy_is_what_the_model_computes(packed_project):
     root, family_name, model_dir = packed_project
     fam = family(family_name)
     model = load_model(model_dir, fam)
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = processor_of(model_dir)
     vision = VisionArgs.for_processor(processor, pipeline_params(model_dir, family_name).dataset_config)
     row = row_with_images_and_video(RowBuilder(root, processor, vision, type(model), model.config))
     with torch.no_grad():

@@ -8,14 +8,13 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from transformers import AutoProcessor
 
 from stages.decode import run as decode
 from stages.decode.shards import FrameStore
 from stages.tokenize import run as tokenize
 from stages.tokenize.vision import VisionArgs
 from stages.validate import run as validate
-from tests.conftest import pipeline_params
+from tests.conftest import pipeline_params, processor_of
 
 
 def text(t: str) -> dict:
@@ -77,7 +76,7 @@ def templated(request, tiny_models, demo_dir, tmp_path_factory):
 
 def test_every_conversation_tokenizes_like_the_real_processor(templated):
     root, params = templated
-    processor = AutoProcessor.from_pretrained(params.dataset_config.processor_config.processor_name)
+    processor = processor_of(params.dataset_config.processor_config.processor_name)
     vision = VisionArgs.for_processor(processor, params.dataset_config)
     store = FrameStore(root / "data/frames")
     rows = pq.read_table(root / "data/tokenized/samples.parquet").to_pylist()

@@ -12,7 +12,7 @@ from schemas.errors import PipelineError, StageInputError
 from stages.decode.shards import FrameStore
 from stages.tokenize import run as tokenize
 from stages.tokenize.vision import VisionArgs
-from tests.conftest import pipeline_params
+from tests.conftest import pipeline_params, processor_of
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_counts_reconcile_with_validate_and_decode(tokenized_project):
 
 def test_ids_and_grids_equal_the_real_processor(tokenized_project):
     root, params, _, _ = tokenized_project
-    processor = AutoProcessor.from_pretrained(params.dataset_config.processor_config.processor_name)
+    processor = processor_of(params.dataset_config.processor_config.processor_name)
     vision = VisionArgs.for_processor(processor, params.dataset_config)
     store = FrameStore(root / "data/frames")
     messages = {
@@ -74,7 +74,7 @@ def test_ids_and_grids_equal_the_real_processor(tokenized_project):
 
 def test_labels_are_exactly_the_assistant_turns(tokenized_project):
     root, params, _, _ = tokenized_project
-    tok = AutoProcessor.from_pretrained(params.dataset_config.processor_config.processor_name).tokenizer
+    tok = processor_of(params.dataset_config.processor_config.processor_name).tokenizer
     messages = {
         s["sample_id"]: json.loads(s["messages"])
         for s in pq.read_table(root / "data/validated/samples.parquet").to_pylist()

@@ -9,22 +9,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig
 
 from schemas.errors import StageInputError
 from stages.families import family
 from stages.train.data import IGNORE, RowBuilder
 from stages.train.samples import PACKS, TOKENIZED_ARROW, TokenizedSamples, check_pack_rows
-from tests.conftest import pipeline_params
+from tests.conftest import pipeline_params, processor_of
 
 
 def builder_of(packed_project) -> RowBuilder:
     root, family_name, model_dir = packed_project
     fam = family(family_name)
     cfg = pipeline_params(model_dir, family_name).dataset_config
-    return RowBuilder.for_family(
-        root, AutoProcessor.from_pretrained(model_dir), cfg, fam, AutoConfig.from_pretrained(model_dir)
-    )
+    return RowBuilder.for_family(root, processor_of(model_dir), cfg, fam, AutoConfig.from_pretrained(model_dir))
 
 
 def test_the_arrow_file_holds_the_parquet_rows(packed_project):

@@ -6,7 +6,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import AutoProcessor
 
 from schemas.errors import ConfigError, StageInputError
 from stages.families import family
@@ -17,7 +16,7 @@ from stages.train.data import RowBuilder, micro_batches, step_assignment
 from stages.train.forward import row_loss_sum
 from stages.train.model import freeze, trainable_summary
 from stages.train.optim import build_optimizer
-from tests.conftest import pipeline_params
+from tests.conftest import pipeline_params, processor_of
 
 
 def load(project, attention="sdpa"):
@@ -28,7 +27,7 @@ def load(project, attention="sdpa"):
     model = fam.transformers_class(fam.model_class).from_pretrained(
         model_dir, attn_implementation=implementation, dtype=torch.float32
     )
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = processor_of(model_dir)
     builder = RowBuilder.for_family(root, processor, params.dataset_config, fam, model.config)
     return root, fam, params, model, builder
 
