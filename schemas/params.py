@@ -55,6 +55,22 @@ class DatasetConfig(Section):
     video_min_pixels: int | None = None
     video_max_pixels: int | None = None
     video_total_pixels: int | None = None
+    # Held-out data: eval_datasets (listed like datasets) and/or eval_ratio, the share of the training datasets'
+    # samples held out, chosen by a hash of each sample's id (the same split on every run and machine, whatever
+    # the seed). Validate marks each accepted sample's split; pack packs the eval samples apart.
+    eval_datasets: list[DatasetEntry] = Field(default_factory=list)
+    eval_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _a_file_is_train_or_eval(self) -> DatasetConfig:
+        both = sorted({d.path for d in self.datasets} & {d.path for d in self.eval_datasets})
+        if both:
+            raise ValueError(f"{', '.join(both)} listed in both datasets and eval_datasets: a file is one or the other")
+        return self
+
+    def all_datasets(self) -> list[tuple[DatasetEntry, str]]:
+        """Every dataset file with its split ("train" or "eval"), training datasets first."""
+        return [(d, "train") for d in self.datasets] + [(d, "eval") for d in self.eval_datasets]
 
 
 class ModelConfig(Section):

@@ -1,5 +1,5 @@
 -- Validate, phase 1: parse rows and explode them into one table of content parts in a single normal form.
--- Input: `raw` (source, row, line, load_reason), `datasets` (source, source_order, data_folder). Output: `parsed`, `turns`, `parts`, `media_refs`.
+-- Input: `raw` (source, row, line, load_reason), `datasets` (source, source_order, data_folder, split). Output: `parsed`, `turns`, `parts`, `media_refs`.
 -- Three input forms are accepted: OpenAI (`messages`, parts text / image_url / video_url), qwen-vl-utils
 -- (`messages`, parts text / image / video) and Qwen's official format (`conversations` with from/value and
 -- <image>/<video> tags plus top-level `image` / `video` keys).

@@ -1,6 +1,7 @@
 -- Validate, phase 2: the rules. Inputs: `parsed`, `turns`, `parts` (phase 1), `datasets`, `media_checks` (one
--- row per distinct media reference, from the media checker), `reasons` (code, priority) and the variable
--- `special_token_regex`. Outputs: `violations`, `first_violation`, `accepted`, `rejects`.
+-- row per distinct media reference, from the media checker), `reasons` (code, priority) and the variables
+-- `special_token_regex` and `eval_threshold`. Outputs: `violations`, `first_violation`, `accepted` (with each
+-- sample's split), `rejects`.
 -- Every rule emits (source, row, reason, detail, msg_idx, part_idx); a row's reject reason is its
 -- highest-priority violation (then the earliest message and part).
 
@@ -159,8 +160,15 @@ ranked AS (
 )
 SELECT source, row, source_order, first_seen FROM ranked WHERE occurrence > 1;
 
+-- split: an eval dataset's samples, and the training samples whose id hashes under eval_ratio (held out).
 CREATE OR REPLACE TEMP TABLE accepted AS
-SELECT sample_id, source, row, messages, media, source_order FROM identified ANTI JOIN duplicates USING (source, row);
+WITH kept AS (SELECT * FROM identified ANTI JOIN duplicates USING (source, row))
+SELECT k.sample_id, k.source, k.row, k.messages, k.media, k.source_order,
+       CASE WHEN d.split = 'eval'
+                 OR ('0x' || substr(sha256('eval-split:' || k.sample_id), 1, 8))::UBIGINT
+                    < getvariable('eval_threshold')
+            THEN 'eval' ELSE 'train' END AS split
+FROM kept k JOIN datasets d USING (source);
 
 CREATE OR REPLACE TEMP TABLE rejects AS
 SELECT p.source, p.row, f.reason, f.detail, p.line AS raw, d.source_order

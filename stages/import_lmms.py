@@ -31,7 +31,8 @@ EXPLAINED = {
     "dataset_config.max_length": "lengths are exact after tokenize; packing_length is the cap",
     "dataset_config.object_storage": "datasets are local files (use a DVC remote for remote storage)",
     "dataset_config.bucket_name": "datasets are local files (use a DVC remote for remote storage)",
-    "dataset_config.eval_dataset_path": "evaluation is not part of this pipeline",
+    "dataset_config.eval_dataset_path": "list eval datasets inline in dataset_config.eval_datasets, or hold out a "
+    "share of the training data with dataset_config.eval_ratio",
     "dataset_config.frame_num": "kept only with video_sampling_strategy: frame_num",
     "model_config.load_from_config": "training starts from a local pretrained directory",
     "model_config.overwrite_config": "config overrides are not supported; edit the model's config.json",

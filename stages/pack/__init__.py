@@ -1,8 +1,9 @@
 """The pack stage: group tokenized samples into fixed-capacity packs (one padding-free row each) for training.
 
 Recipe: read sample lengths -> pack them (algorithms.pack_lengths; or one sample per pack when packing is off)
--> shuffle the pack order with the seed, so neighbouring packs are not all long or all short -> write
-data/packed/packs.parquet and metrics/pack.json atomically (a full or read-only disk is one clear error and leaves
+-> shuffle the pack order with the seed, so neighbouring packs are not all long or all short; the same, apart,
+for the samples validate held out for evaluation -> write data/packed/packs.parquet, data/packed/eval_packs.parquet
+and metrics/pack.json atomically (a full or read-only disk is one clear error and leaves
 the previous output as it was).
 """
 
@@ -18,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.errors import StageInputError
-from schemas.params import Params
+from schemas.params import DatasetConfig, Params
 from schemas.tables import PACKS_SCHEMA
 from stages.io import atomic_dir, disk_full_is_clear, write_json
 from stages.pack.algorithms import assign_packs, pack_lengths
@@ -26,8 +27,10 @@ from stages.pack.algorithms import assign_packs, pack_lengths
 __all__ = ["pack_lengths", "run", "PackResult"]
 
 TOKENIZED = Path("data/tokenized/samples.parquet")
+VALIDATED = Path("data/validated/samples.parquet")
 COST_INPUTS = ("label_tokens", "image_grid_thw", "video_grid_thw")
 OUT_DIR = Path("data/packed")
+PACKS, EVAL_PACKS = "packs.parquet", "eval_packs.parquet"  # the training packs, the held-out samples' packs
 METRICS = Path("metrics/pack.json")
 
 
@@ -38,25 +41,40 @@ class PackResult:
     tokens: int
     capacity: int
     efficiency: float
-    dropped_overlong: int
+    dropped_overlong: int  # in either split
     strategy: str
+    eval_samples: int
+    eval_packs: int
     seconds: float
 
     def metrics(self) -> dict:
         return {k: v for k, v in vars(self).items() if k != "seconds"}
 
 
-def write_packs(table: pa.Table, out_dir: Path) -> None:
-    """``out_dir``/packs.parquet, encoded in memory first (so its exact size is known), then written into a temp
-    directory that replaces ``out_dir`` only once complete. A full disk raises PipelineError naming the file and the
-    bytes it needs (a read-only one: atomic_dir's no-permission error); either way the temp directory is removed and
-    the previous output is left as it was."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    data = sink.getvalue()
-    target = out_dir / "packs.parquet"
-    with atomic_dir(out_dir) as tmp, disk_full_is_clear(target, need=data.size):
-        (tmp / target.name).write_bytes(data)
+def write_packs(tables: dict[str, pa.Table], out_dir: Path) -> None:
+    """Each table as ``out_dir``/<name>, encoded in memory first (so its exact size is known), then written into a
+    temp directory that replaces ``out_dir`` only once complete. A full disk raises PipelineError naming the file
+    and the bytes it needs (a read-only one: atomic_dir's no-permission error); either way the temp directory is
+    removed and the previous output is left as it was."""
+    encoded = {}
+    for name, table in tables.items():
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        encoded[name] = sink.getvalue()
+    with atomic_dir(out_dir) as tmp:
+        for name, data in encoded.items():
+            with disk_full_is_clear(out_dir / name, need=data.size):
+                (tmp / name).write_bytes(data)
+
+
+def held_out(root: Path, sample_ids: pa.ChunkedArray) -> np.ndarray:
+    """Whether each tokenized sample is in the eval split (validate's ``split`` column, matched by sample id)."""
+    validated = pq.read_schema(root / VALIDATED)
+    if "split" not in validated.names:
+        raise StageInputError(f"{root / VALIDATED} has no split column (an older validate wrote it): re-run validate")
+    splits = pq.read_table(root / VALIDATED, columns=["sample_id", "split"])
+    eval_ids = pc.filter(splits.column("sample_id"), pc.equal(splits.column("split"), "eval"))
+    return pc.is_in(sample_ids, value_set=eval_ids.combine_chunks()).to_numpy(zero_copy_only=False)
 
 
 def sample_costs(tokenized: pa.Table) -> dict[str, np.ndarray]:
@@ -72,16 +90,10 @@ def sample_costs(tokenized: pa.Table) -> dict[str, np.ndarray]:
     return {"label_tokens": tokenized.column("label_tokens").to_numpy().astype(np.int64), "vision_patches": patches}
 
 
-def run(params: Params, root: Path = Path(".")) -> PackResult:
-    start = time.perf_counter()
-    cfg = params.dataset_config
-    if not (root / TOKENIZED).is_file():
-        raise StageInputError(f"{root / TOKENIZED} not found: run `qvl tokenize` first")
-    table = pq.read_table(root / TOKENIZED, columns=["sample_id", "length", *COST_INPUTS])
-    lengths = table.column("length").to_numpy().astype(np.int64)
-    fits = lengths <= cfg.packing_length
-    rows = np.flatnonzero(fits)  # tokenized row numbers: what the trainer reads the samples by
-    lengths, dropped = lengths[fits], int((~fits).sum())
+def build_packs(tokenized: pa.Table, costs: dict[str, np.ndarray], rows: np.ndarray, cfg: DatasetConfig) -> pa.Table:
+    """PACKS_SCHEMA rows for the tokenized ``rows`` (all of which fit the packing length), in a seeded order;
+    ``costs`` is sample_costs(tokenized)."""
+    lengths = tokenized.column("length").to_numpy().astype(np.int64)[rows]
     capacity = cfg.packing_length if cfg.packing else int(lengths.max(initial=1))
     assigned = (
         assign_packs(lengths, capacity, cfg.packing_strategy, cfg.seed) if cfg.packing else np.arange(len(lengths))
@@ -94,13 +106,13 @@ def run(params: Params, root: Path = Path(".")) -> PackResult:
     starts = np.concatenate([[0], bounds]) if len(order) else bounds
     offsets = pa.array(np.concatenate([starts, [len(order)]]), pa.int32())  # pack k: [offsets[k], offsets[k + 1])
     packed_rows, packed_lengths = rows[order], lengths[order]
-    ids = table.column("sample_id").take(packed_rows).combine_chunks()
+    ids = tokenized.column("sample_id").take(packed_rows).combine_chunks()
 
     def per_pack(values: np.ndarray) -> pa.Array:
         return pa.array(np.add.reduceat(values, starts) if len(starts) else [], pa.int64())
 
-    labels, patches = (sample_costs(table)[name][packed_rows] for name in ("label_tokens", "vision_patches"))
-    table = pa.table(
+    labels, patches = (costs[name][packed_rows] for name in ("label_tokens", "vision_patches"))
+    return pa.table(
         {
             "pack_id": pa.array(np.arange(len(starts)), pa.int64()),
             "sample_ids": pa.ListArray.from_arrays(offsets, ids),
@@ -113,18 +125,33 @@ def run(params: Params, root: Path = Path(".")) -> PackResult:
         },
         schema=PACKS_SCHEMA,
     )
-    n_groups = table.num_rows
-    write_packs(table, root / OUT_DIR)
-    tokens = int(lengths.sum())
-    efficiency = tokens / (n_groups * cfg.packing_length) if n_groups else 0.0
+
+
+def run(params: Params, root: Path = Path(".")) -> PackResult:
+    start = time.perf_counter()
+    cfg = params.dataset_config
+    if not (root / TOKENIZED).is_file():
+        raise StageInputError(f"{root / TOKENIZED} not found: run `qvl tokenize` first")
+    table = pq.read_table(root / TOKENIZED, columns=["sample_id", "length", *COST_INPUTS])
+    fits = table.column("length").to_numpy() <= cfg.packing_length
+    evaluation = held_out(root, table.column("sample_id"))
+    # Tokenized row numbers (what the trainer reads the samples by) of each split's samples that fit.
+    train_rows, eval_rows = np.flatnonzero(fits & ~evaluation), np.flatnonzero(fits & evaluation)
+    costs = sample_costs(table)
+    packs, eval_packs = (build_packs(table, costs, rows, cfg) for rows in (train_rows, eval_rows))
+    write_packs({PACKS: packs, EVAL_PACKS: eval_packs}, root / OUT_DIR)
+    tokens = int(pc.sum(packs.column("total")).as_py() or 0)
+    efficiency = tokens / (packs.num_rows * cfg.packing_length) if packs.num_rows else 0.0
     result = PackResult(
-        len(lengths),
-        n_groups,
+        len(train_rows),
+        packs.num_rows,
         tokens,
         cfg.packing_length,
         round(efficiency, 6),
-        dropped,
+        int((~fits).sum()),
         cfg.packing_strategy if cfg.packing else "none",
+        len(eval_rows),
+        eval_packs.num_rows,
         time.perf_counter() - start,
     )
     write_json(root / METRICS, result.metrics())

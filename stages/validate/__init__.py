@@ -53,6 +53,7 @@ class ValidateResult:
     accepted: int
     rejected: int
     duplicates: int
+    eval_samples: int  # accepted samples held out for evaluation
     by_reason: dict[str, int]
     seconds: float
 
@@ -62,6 +63,7 @@ class ValidateResult:
             "accepted": self.accepted,
             "rejected": self.rejected,
             "duplicates": self.duplicates,
+            "eval_samples": self.eval_samples,
             "by_reason": self.by_reason,
         }
 
@@ -97,15 +99,19 @@ def _memory_is_clear(limit: str):
 def validate_into(con: duckdb.DuckDBPyConnection, params: Params, root: Path) -> None:
     """Fill ``con`` with the tables `accepted` and `rejects` (plus the intermediate ones) for ``params``."""
     cfg = params.dataset_config
-    load_all(con, cfg.datasets, root)
+    entries = cfg.all_datasets()
+    load_all(con, [d for d, _ in entries], root)
     datasets = pa.table(
         {
-            "source": [d.path for d in cfg.datasets],
-            "source_order": list(range(len(cfg.datasets))),
-            "data_folder": [str(data_folder(d, root)) for d in cfg.datasets],
+            "source": [d.path for d, _ in entries],
+            "source_order": list(range(len(entries))),
+            "data_folder": [str(data_folder(d, root)) for d, _ in entries],
+            "split": [split for _, split in entries],
         }
     )
     con.register("datasets", datasets)
+    # A training sample is held out when the first 32 bits of a hash of its id fall under eval_ratio x 2^32.
+    con.execute("SET VARIABLE eval_threshold = ?", [int(cfg.eval_ratio * 2**32)])
     con.execute(
         "CREATE OR REPLACE TEMP TABLE reasons AS SELECT unnest(?) AS code, generate_subscripts(?, 1) AS priority",
         [list(REASON_CODES), list(REASON_CODES)],
@@ -150,8 +156,9 @@ def run(params: Params, root: Path = Path(".")) -> ValidateResult:
     rejected = sum(by_reason.values())
     if accepted + rejected != n_input:  # the stage's promise; a broken rule must never lose rows silently
         raise AssertionError(f"validate lost rows: input {n_input} != accepted {accepted} + rejected {rejected}")
+    held_out = con.execute("SELECT count(*) FROM accepted WHERE split = 'eval'").fetchone()[0]
     result = ValidateResult(
-        n_input, accepted, rejected, by_reason.get("duplicate", 0), by_reason, time.perf_counter() - start
+        n_input, accepted, rejected, by_reason.get("duplicate", 0), held_out, by_reason, time.perf_counter() - start
     )
     # Counts by reason are a table of their own (not DVC metrics: `dvc metrics show` stays a few columns).
     write_json(root / METRICS, {k: v for k, v in result.metrics().items() if k != "by_reason"})

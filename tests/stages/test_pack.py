@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.errors import PipelineError
+from schemas.errors import PipelineError, StageInputError
 from schemas.params import parse_params
 from stages.pack import pack_lengths
 from stages.pack import run as pack
@@ -104,10 +104,14 @@ def sample_videos(i: int) -> list[list[int]]:
     return [[2, 4, 6]] if i % 5 == 0 else []
 
 
-def write_tokenized(root, lengths):
-    """samples.parquet with the columns pack reads: sample i has i % 3 images and, every fifth, a video."""
+def write_tokenized(root, lengths, eval_ids=()):
+    """samples.parquet with the columns pack reads: sample i has i % 3 images and, every fifth, a video; and
+    validate's samples.parquet with the split of each (``eval_ids`` held out), the column pack reads there."""
     (root / "data/tokenized").mkdir(parents=True)
+    (root / "data/validated").mkdir(parents=True)
     ids = [f"s{i:04d}" for i in range(len(lengths))]
+    splits = ["eval" if i in eval_ids else "train" for i in ids]
+    pq.write_table(pa.table({"sample_id": ids, "split": splits}), root / "data/validated/samples.parquet")
     grids = pa.list_(pa.list_(pa.int32()))
     table = pa.table(
         {
@@ -159,6 +163,31 @@ def test_stage_writes_every_sample_once(tmp_path, packing):
         assert all(len(p["sample_ids"]) == 1 for p in packs)
 
 
+def test_held_out_samples_are_packed_apart(tmp_path):
+    """Validate's eval samples go to eval_packs.parquet, every one once, and none into the training packs."""
+    lengths = np.random.default_rng(3).integers(1, 900, 200).tolist()
+    lengths[7] = 5000  # an overlong eval sample is dropped like a training one
+    held = {f"s{i:04d}" for i in range(0, 200, 7)}
+    ids = write_tokenized(tmp_path, lengths, held)
+    result = pack(parse_params({"dataset_config": {"packing_length": 1024}}), tmp_path)
+    train = pq.read_table(tmp_path / "data/packed/packs.parquet").to_pylist()
+    held_packs = pq.read_table(tmp_path / "data/packed/eval_packs.parquet").to_pylist()
+    assert sorted(s for p in held_packs for s in p["sample_ids"]) == sorted(held - {"s0007"})
+    assert sorted(s for p in train for s in p["sample_ids"]) == sorted(set(ids) - held)
+    assert all(p["sample_ids"] == [ids[r] for r in p["sample_rows"]] and p["total"] <= 1024 for p in held_packs)
+    assert [p["pack_id"] for p in held_packs] == list(range(len(held_packs)))
+    assert (result.eval_samples, result.eval_packs, result.dropped_overlong) == (len(held) - 1, len(held_packs), 1)
+    metrics = json.loads((tmp_path / "metrics/pack.json").read_text())
+    assert metrics["eval_samples"] == len(held) - 1 and metrics["samples"] == len(ids) - len(held)
+
+
+def test_validated_samples_without_a_split_are_a_clear_error(tmp_path):
+    write_tokenized(tmp_path, [100, 200])
+    pq.write_table(pa.table({"sample_id": ["s0000", "s0001"]}), tmp_path / "data/validated/samples.parquet")
+    with pytest.raises(StageInputError, match="has no split column .*re-run validate"):
+        pack(parse_params({"dataset_config": {"packing_length": 1024}}), tmp_path)
+
+
 def test_stage_pack_order_is_shuffled_but_seeded(tmp_path):
     write_tokenized(tmp_path, list(range(1, 401)))
     params = parse_params({"dataset_config": {"packing_length": 1000, "packing_strategy": "first_fit_decreasing"}})
@@ -204,7 +233,7 @@ def test_full_disk_is_one_clear_error_and_the_previous_output_survives(small_fs)
     needed, free = (int(n.replace(",", "")) for n in re.findall(r"([\d,]+) bytes", str(err.value)))
     assert needed > len(before) / 2 and free < needed
     assert (small_fs / "data/packed/packs.parquet").read_bytes() == before
-    assert sorted(p.name for p in (small_fs / "data").iterdir()) == ["packed", "tokenized"]
+    assert sorted(p.name for p in (small_fs / "data").iterdir()) == ["packed", "tokenized", "validated"]
 
 
 def test_read_only_disk_is_one_clear_error(small_fs):
@@ -212,4 +241,4 @@ def test_read_only_disk_is_one_clear_error(small_fs):
     subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
     with pytest.raises(PipelineError, match=r"no permission to write .*data/packed \(Read-only file system\)"):
         pack(parse_params({"dataset_config": {"packing_length": 1024}}), small_fs)
-    assert sorted(p.name for p in (small_fs / "data").iterdir()) == ["tokenized"]
+    assert sorted(p.name for p in (small_fs / "data").iterdir()) == ["tokenized", "validated"]

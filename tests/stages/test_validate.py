@@ -347,3 +347,53 @@ def test_jsonl_streams_in_blocks_with_the_same_rows_and_reasons(read_bytes, monk
         ('{"c": "\u2028"}', None),
         ('{"d": 1}', None),
     ]
+
+
+def held_out_by_rule(sample_id: str, ratio: float) -> bool:
+    """The split rule, computed here with hashlib: the first 32 bits of sha256("eval-split:" + id) under ratio."""
+    import hashlib
+
+    return int(hashlib.sha256(f"eval-split:{sample_id}".encode()).hexdigest()[:8], 16) < int(ratio * 2**32)
+
+
+def test_eval_ratio_holds_out_samples_by_id_the_same_way_everywhere(project, tmp_path_factory):
+    """Every accepted sample is in exactly one split, chosen by its id alone: the same in another project root,
+    with another seed, and the same samples as with no split at all; the metrics count the held-out ones."""
+    run(demo_params(), project)
+    unsplit = {r["sample_id"]: r["split"] for r in read(project, "samples.parquet")}
+    assert set(unsplit.values()) == {"train"}
+    result = run(demo_params(eval_ratio=0.4), project)
+    splits = {r["sample_id"]: r["split"] for r in read(project, "samples.parquet")}
+    assert splits.keys() == unsplit.keys()
+    assert splits == {s: "eval" if held_out_by_rule(s, 0.4) else "train" for s in splits}
+    assert 0 < result.eval_samples == sum(v == "eval" for v in splits.values()) < len(splits)
+    assert json.loads((project / "metrics/validate.json").read_text())["eval_samples"] == result.eval_samples
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    shutil.copytree(project / "data/demo", elsewhere / "data/demo")
+    run(demo_params(eval_ratio=0.4, seed=7), elsewhere)
+    assert {r["sample_id"]: r["split"] for r in read(elsewhere, "samples.parquet")} == splits
+
+
+def test_eval_datasets_are_held_out_and_never_repeat_a_training_sample(project):
+    """An eval dataset's samples are all eval; one that repeats a training sample is rejected as its duplicate,
+    so no sample is in both splits."""
+    run(demo_params(), project)
+    kept = next(r["row"] for r in read(project, "samples.parquet") if r["source"] == "data/demo/chat.jsonl")
+    repeated = (project / "data/demo/chat.jsonl").read_bytes().split(b"\n")[kept]
+    fresh = {"messages": [{"role": "user", "content": "held out?"}, {"role": "assistant", "content": "yes"}]}
+    (project / "data/demo/eval.jsonl").write_bytes(repeated + b"\n" + json.dumps(fresh).encode() + b"\n")
+    params = demo_params(eval_datasets=[{"path": "data/demo/eval.jsonl", "data_folder": "data/demo"}])
+    result = run(params, project)
+    samples = read(project, "samples.parquet")
+    assert [r["split"] for r in samples if r["source"] == "data/demo/eval.jsonl"] == ["eval"]
+    assert {r["split"] for r in samples if r["source"] != "data/demo/eval.jsonl"} == {"train"}
+    duplicate = [r for r in read(project, "rejects.parquet") if r["source"] == "data/demo/eval.jsonl"]
+    assert [(r["row"], r["reason"]) for r in duplicate] == [(0, "duplicate")]
+    assert result.eval_samples == 1
+
+
+def test_a_file_in_both_datasets_and_eval_datasets_is_a_config_error():
+    from schemas.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="chat.jsonl listed in both datasets and eval_datasets"):
+        demo_params(eval_datasets=[{"path": "data/demo/chat.jsonl", "data_folder": "data/demo"}])
