@@ -64,7 +64,22 @@ def loss_markdown(root: Path) -> str:
     return (
         f"## Training loss\n\n![training loss and learning rate by step]({image})\n\n"
         f"| step | loss | lr | tokens |\n|---:|---:|---:|---:|\n{table}\n\n"
-        f"plots/train_loss.csv{shown}; the chart is plots/train_loss.svg\n"
+        f"plots/train_loss.csv{shown}; the chart is plots/train_loss.svg\n" + eval_markdown(root)
+    )
+
+
+def eval_markdown(root: Path) -> str:
+    """The held-out loss at each evaluation (plots/eval_loss.csv), or nothing when the run did not evaluate."""
+    path = root / "plots/eval_loss.csv"
+    rows = list(csv.DictReader(path.open())) if path.is_file() else []
+    if not rows:
+        return ""
+    table = "\n".join(
+        f"| {r['step']} | {fmt_loss(float(r['eval_loss']))} | {r['eval_label_tokens']} |" for r in _sampled(rows)
+    )
+    return (
+        f"\n## Eval loss (held-out packs)\n\n| step | eval loss | label tokens |\n|---:|---:|---:|\n{table}\n\n"
+        "plots/eval_loss.csv\n"
     )
 
 
@@ -74,7 +89,8 @@ def loss_curve(root: Path) -> None:
     create_markdown_artifact(
         key="loss-curve",
         markdown=loss_markdown(root),
-        description=f"training loss {fmt_loss(final['final_loss'])} after {final['steps']} steps",
+        description=f"training loss {fmt_loss(final['final_loss'])} after {final['steps']} steps"
+        + (f", eval loss {fmt_loss(final['eval_loss'])}" if "eval_loss" in final else ""),
     )
 
 

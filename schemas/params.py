@@ -102,6 +102,11 @@ class TrainerArgs(Section):
     lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.0, ge=0, le=1)
     warmup_steps: int = 0
+    # Held-out loss during training (HF meaning): "steps" every eval_steps steps (default: logging_steps), "epoch"
+    # at each epoch's end; either way also at the last step. Needs eval data (dataset_config.eval_ratio or
+    # eval_datasets).
+    eval_strategy: Literal["no", "steps", "epoch"] = "no"
+    eval_steps: int | None = Field(None, ge=1)
     save_steps: int = Field(100, ge=1)
     save_total_limit: int | None = 2
     logging_steps: int = 1

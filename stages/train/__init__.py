@@ -68,7 +68,7 @@ def preflight(params: Params, root: Path, world: int) -> None:
     import pyarrow.compute as pc
 
     from stages.arrowfile import open_arrow
-    from stages.train.samples import TOKENIZED_ARROW, check_pack_rows
+    from stages.train.samples import EVAL_PACKS, TOKENIZED_ARROW, check_pack_rows
 
     for path in (PACKS, TOKENIZED, TOKENIZED_ARROW):
         if not (root / path).is_file():
@@ -93,6 +93,14 @@ def preflight(params: Params, root: Path, world: int) -> None:
             f"with {int(expected)}: re-run tokenize with this processor"
         )
     packed = check_pack_rows(pq.read_table(root / PACKS, columns=["sample_ids", "sample_rows"]), tokenized)
+    if params.trainer_args.eval_strategy != "no":
+        held_out = root / EVAL_PACKS
+        if not held_out.is_file() or pq.read_metadata(held_out).num_rows == 0:
+            raise StageInputError(
+                f"trainer_args.eval_strategy is {params.trainer_args.eval_strategy!r} but {held_out} holds no packs: "
+                "hold out eval data with dataset_config.eval_ratio or eval_datasets, then re-run validate and pack"
+            )
+        check_pack_rows(pq.read_table(held_out, columns=["sample_ids", "sample_rows"]), tokenized)
     videos = pc.unique(pc.list_flatten(tokenized.column("video_keys")))
     if len(videos):
         index = root / "data/frames/index.parquet"

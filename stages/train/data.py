@@ -8,6 +8,7 @@ each sample alone; pixels from the processor's image and video processors (video
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -81,6 +82,12 @@ class RowBuilder:
         """The builder for ``fam``'s model class, with the pixel budget ``cfg`` sets on ``processor``."""
         vision = VisionArgs.for_processor(processor, cfg)
         return cls(root, processor, vision, fam.transformers_class(fam.model_class), config)
+
+    def for_packs(self, path: Path) -> RowBuilder:
+        """This builder over another pack table of the same tokenized samples (the eval packs)."""
+        other = copy.copy(self)
+        other.packs = Packs(path, self.samples)
+        return other
 
     def _dummy(self, kind: str) -> dict:
         """A tiny label-free image or video segment. FSDP2 needs every rank to run the vision tower the same

@@ -22,6 +22,7 @@ from stages.arrowfile import open_arrow
 
 TOKENIZED_ARROW = Path("data/tokenized/samples.arrow")
 PACKS = Path("data/packed/packs.parquet")
+EVAL_PACKS = Path("data/packed/eval_packs.parquet")  # the held-out samples' packs (in-loop eval)
 TOKEN_COLUMNS = ("input_ids", "labels")
 MEDIA_COLUMNS = ("image_paths", "image_grid_thw", "video_keys", "video_grid_thw", "second_per_grid_ts")
 

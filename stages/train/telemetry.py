@@ -94,7 +94,17 @@ def summarize(history: list[dict]) -> dict:
         # and as the positional layout would have been (1.0: balanced; see stages/train/balance.py)
         "straggler_ratio": sum(h["straggler"] for h in history) / len(history),
         "straggler_ratio_in_order": sum(h["straggler_in_order"] for h in history) / len(history),
+        **eval_summary(history),
     }
+
+
+def eval_summary(history: list[dict]) -> dict:
+    """The held-out loss of the last evaluation, the best one and its step (nothing when eval is off)."""
+    evals = [h for h in history if "eval_loss" in h]
+    if not evals:
+        return {}
+    best = min(evals, key=lambda h: (h["eval_loss"], h["step"]))
+    return {"eval_loss": evals[-1]["eval_loss"], "best_eval_loss": best["eval_loss"], "best_eval_step": best["step"]}
 
 
 def speed(
@@ -124,14 +134,19 @@ def speed(
 
 
 def write_outputs(root: Path, history: list[dict], summary: dict, speed_figures: dict) -> None:
-    """metrics/train.json, plots/train_loss.csv, plots/train_loss.svg and metrics/train_speed.json, each written to a
-    temp file and renamed. The first three are train-stage outputs (hashed into dvc.lock); the speed file is a
-    top-level DVC metric, shown by `dvc metrics show` but never hashed."""
+    """metrics/train.json, plots/train_loss.csv, plots/eval_loss.csv, plots/train_loss.svg and
+    metrics/train_speed.json, each written to a temp file and renamed. The first four are train-stage outputs
+    (hashed into dvc.lock); the speed file is a top-level DVC metric, shown by `dvc metrics show` but never
+    hashed."""
     write_json(root / "metrics/train.json", summary)
     write_json(root / "metrics/train_speed.json", speed_figures)
     with atomic_file(root / "plots/train_loss.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "tokens", "label_tokens"])
         writer.writeheader()
         writer.writerows({k: h[k] for k in writer.fieldnames} for h in history)
+    with atomic_file(root / "plots/eval_loss.csv") as tmp, open(tmp, "w", newline="") as f:  # a header alone: no eval
+        writer = csv.DictWriter(f, fieldnames=["step", "eval_loss", "eval_label_tokens"])
+        writer.writeheader()
+        writer.writerows({k: h[k] for k in writer.fieldnames} for h in history if "eval_loss" in h)
     with atomic_file(root / "plots/train_loss.svg") as tmp:
         tmp.write_text(loss_svg(history))

@@ -2,7 +2,8 @@
 
 Read top to bottom: set up -> model (built on the meta device, sharded, then loaded) -> optimizer -> data ->
 resume -> for each step: micro-batches, loss over the global batch's label tokens, backward (gradients reduced
-once, after the last micro-batch), clip, step, one host read -> checkpoints -> Hugging Face export.
+once, after the last micro-batch), clip, step, one host read -> eval loss when due -> checkpoints -> Hugging Face
+export.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ from stages.train import checkpoint
 from stages.train.balance import pack_costs, straggler_ratio
 from stages.train.data import LoaderState, PrefetchLoader, RowBuilder, epoch_order, micro_batches, step_assignment
 from stages.train.distributed import init_distributed
+from stages.train.evaluation import eval_due, eval_loss, eval_plan
 from stages.train.forward import row_loss_sum
 from stages.train.liger import apply_liger
 from stages.train.loading import materialize
 from stages.train.model import build_model, choose_attention, freeze, trainable_summary, wrap_fsdp2
 from stages.train.optim import build_optimizer, build_scheduler
 from stages.train.reporters import Reporters
-from stages.train.samples import PACKS
+from stages.train.samples import EVAL_PACKS, PACKS
 from stages.train.sequence_parallel import build_layout, check_degree, shard_text_model_inputs
 from stages.train.telemetry import parameter_counts, peak_flops, speed, step_flops, summarize, write_outputs
 
@@ -86,6 +88,9 @@ def train(params_path: str) -> None:
     processor = AutoProcessor.from_pretrained(cfg.processor_config.processor_name)
     builder = RowBuilder.for_family(root, processor, cfg, fam, model.config)
     pack_ids = sorted(builder.packs)
+    if args.eval_strategy != "no":  # preflight checked that eval packs exist
+        eval_builder = builder.for_packs(root / EVAL_PACKS)
+        eval_rows = eval_plan(sorted(eval_builder.packs), layout.dp_size, layout.dp_rank)
     cost = pack_costs(root / PACKS, counts, model.config.text_config)  # estimated FLOPs of each pack
     balance = cost if args.balance_packs else None
     pad_id = processor.tokenizer.pad_token_id or 0  # SP padding: a label-free segment of its own, any id works
@@ -197,6 +202,22 @@ def train(params_path: str) -> None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds[step]:.0f}")
             log(f"step {step}/{total_steps} loss {loss:.6f} lr {lr:.3e} tokens/s {tokens / seconds[step]:.0f}")
+            if eval_due(args, step, total_steps, epoch_done=state.packs_done >= len(pack_ids)):
+                held_out, held_out_labels = eval_loss(
+                    model,
+                    eval_builder,
+                    eval_rows,
+                    device,
+                    sp,
+                    liger,
+                    pad_id,
+                    leads_sp_group,
+                    args.dataloader_num_workers,
+                )
+                history[-1] |= {"eval_loss": held_out, "eval_label_tokens": held_out_labels}
+                reporters.log({"eval/loss": held_out}, step)
+                progress.set_postfix(loss=f"{loss:.4f}", eval_loss=f"{held_out:.4f}", lr=f"{lr:.2e}")
+                log(f"eval at step {step}: loss {held_out:.6f} over {held_out_labels} label tokens")
             if step % args.save_steps == 0 or step == total_steps:
                 trainer_state = {"loader": vars(state), "history": history, "fingerprint": fingerprint}
                 checkpoint.save(run_dir, step, model, optimizer, scheduler, trainer_state, args.save_total_limit)

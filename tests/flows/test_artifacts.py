@@ -57,3 +57,30 @@ def test_checkpoint_artifact_has_a_metrics_table_and_this_runs_lineage(tmp_path)
     assert "| pack | data/packed | `new.dir` |" in markdown and "stale" not in markdown
     assert "`c0ffee`" in markdown and "differed" not in markdown  # clean: no -dirty note
     assert not LONG_FLOAT.search(markdown) and json.dumps(latest["metrics"]) not in markdown
+
+
+def test_eval_losses_reach_the_metrics_the_plot_and_the_loss_artifact(tmp_path):
+    """Evaluations at steps 10, 20, 30: metrics/train.json has the last, the best and its step;
+    plots/eval_loss.csv one row each; the loss artifact a rounded eval table (none without evaluations)."""
+    from stages.train.telemetry import summarize
+
+    evals = {10: 1.5000012345, 20: 1.25, 30: 1.3}
+    history = [
+        {**h, "straggler": 1.0, "straggler_in_order": 1.0}
+        | ({"eval_loss": evals[h["step"]], "eval_label_tokens": 77} if h["step"] in evals else {})
+        for h in HISTORY
+    ]
+    summary = summarize(history)
+    assert (summary["eval_loss"], summary["best_eval_loss"], summary["best_eval_step"]) == (1.3, 1.25, 20)
+    write_outputs(tmp_path, history, summary, {})
+    assert (tmp_path / "plots/eval_loss.csv").read_text().splitlines() == [
+        "step,eval_loss,eval_label_tokens",
+        "10,1.5000012345,77",
+        "20,1.25,77",
+        "30,1.3,77",
+    ]
+    markdown = loss_markdown(tmp_path)
+    assert "| 10 | 1.5 | 77 |" in markdown and "| 20 | 1.25 | 77 |" in markdown and "| 30 | 1.3 | 77 |" in markdown
+    plain = [{k: v for k, v in h.items() if not k.startswith("eval")} for h in history]
+    write_outputs(tmp_path, plain, summarize(plain), {})
+    assert "eval_loss" not in summarize(plain) and "Eval loss" not in loss_markdown(tmp_path)

@@ -270,6 +270,10 @@ def test_preflight_errors(packed_project, tmp_path):
     sp.model_config_.attn_implementation = "eager"
     with pytest.raises(ConfigError, match="'eager' cannot run Ulysses sequence parallelism"):
         preflight(sp, root, 2)
+    evaluation = params.model_copy(deep=True)  # the project holds no eval split
+    evaluation.trainer_args.eval_strategy = "steps"
+    with pytest.raises(StageInputError, match="eval_strategy is 'steps' but .*eval_packs.parquet holds no packs"):
+        preflight(evaluation, root, 2)
 
 
 @pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
@@ -298,3 +302,29 @@ def test_each_scheduler_warms_up_then_follows_its_schedule(kind):
             after = {"constant": 1.0, "linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}
             expected.append(base * (t / warmup if t < warmup else after[kind]))
         assert got == pytest.approx(expected, abs=1e-12), warmup_args
+
+
+@pytest.mark.parametrize("packs, ranks", [(5, 2), (4, 2), (1, 3), (7, 4)])
+def test_eval_plan_gives_every_pack_once_and_every_rank_the_same_rounds(packs, ranks):
+    from stages.train.evaluation import eval_plan
+
+    pack_ids = [10 + 3 * i for i in range(packs)]
+    plans = [eval_plan(pack_ids, ranks, r) for r in range(ranks)]
+    assert len({len(p) for p in plans}) == 1 and len(plans[0]) == -(-packs // ranks)  # collectives stay in step
+    real = sorted(ids[0] for plan in plans for ids, dummy in plan if not dummy)
+    assert real == pack_ids and all(len(ids) == 1 for plan in plans for ids, _ in plan)
+    assert sum(dummy for plan in plans for _, dummy in plan) == len(plans[0]) * ranks - packs
+
+
+def test_eval_is_due_by_strategy_and_after_the_last_step():
+    from schemas.params import TrainerArgs
+    from stages.train.evaluation import eval_due
+
+    def due(strategy, steps=None, logging=1, epoch_ends=()):
+        args = TrainerArgs(eval_strategy=strategy, eval_steps=steps, logging_steps=logging)
+        return [s for s in range(1, 11) if eval_due(args, s, 10, epoch_done=s in epoch_ends)]
+
+    assert due("no") == []
+    assert due("steps", 4) == [4, 8, 10]
+    assert due("steps", logging=3) == [3, 6, 9, 10]  # eval_steps defaults to logging_steps
+    assert due("epoch", epoch_ends=(3, 6, 9)) == [3, 6, 9, 10]
