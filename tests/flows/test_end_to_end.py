@@ -204,7 +204,7 @@ def test_cancel_during_training_stops_every_rank_then_the_next_run_resumes(clone
 
 def test_dvc_experiment_compares_with_the_committed_run(clone):
     """`dvc exp run -S trainer_args.learning_rate=2e-4` (one step here) then `dvc exp show`: the workspace, the
-    committed baseline and the experiment each show final loss and packing efficiency as numbers (the metrics
+    committed baseline and the experiment each show final loss, eval loss and packing efficiency as numbers (the metrics
     files are git-tracked, so the baseline commit and the experiment's commit hold them)."""
     sh("git", "checkout", "--", "params.yaml", cwd=clone)  # the committed params, whatever earlier tests changed
     overrides = ("trainer_args.learning_rate=2e-4", "trainer_args.max_steps=1", "trainer_args.save_steps=1")
@@ -217,6 +217,8 @@ def test_dvc_experiment_compares_with_the_committed_run(clone):
         metrics = row["data"]["metrics"]
         loss = metrics["metrics/train.json"].get("data", {}).get("final_loss")  # {"error": ...} when not in git
         efficiency = metrics["metrics/pack.json"].get("data", {}).get("efficiency")
+        held_out = metrics["metrics/train.json"].get("data", {}).get("eval_loss")  # the demo holds out 20%
         assert isinstance(loss, float) and isinstance(efficiency, float), (row["rev"], metrics)
+        assert isinstance(held_out, float), (row["rev"], metrics)
     params = experiments[0]["data"]["params"]["params.yaml"]["data"]
     assert params["trainer_args"]["learning_rate"] == 2e-4
