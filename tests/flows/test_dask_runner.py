@@ -40,6 +40,7 @@ def project(tmp_path_factory, demo_dir, tiny_models):
     root = tmp_path_factory.mktemp("dask") / "project"
     shutil.copytree(demo_dir, root / "data/demo")
     params = pipeline_params(tiny_models["qwen2_5_vl"], "qwen2_5_vl")
+    params.decode.workers = 2  # the local pool, which Dask must equal, and the temporary cluster's size
     (root / "params.yaml").write_text(params.model_dump_json(by_alias=True))
     env = {**ENV, "PREFECT_HOME": str(root.parent / "prefect-home"), "PYTHONPATH": str(REPO)}
     env.pop("PREFECT_API_URL", None)  # ephemeral Prefect: the stage starts (and shares) a temporary server
