@@ -94,6 +94,30 @@ def loss_curve(root: Path) -> None:
     )
 
 
+GENERATION_COLUMNS = ("sample_id", "prompt", "reference", "generated")
+
+
+def generations(root: Path) -> tuple[list[dict], str]:
+    """The evaluate stage's answers on held-out samples beside the references (metrics/generations.json), as table
+    rows (one empty row when there are none: Prefect shows no table without rows), and the table's description."""
+    evaluated = json.loads((root / "metrics/evaluate.json").read_text())
+    rows = json.loads((root / "metrics/generations.json").read_text())
+    loss = evaluated["eval_loss"]
+    step = "" if evaluated["step"] is None else f" (step {evaluated['step']})"
+    description = (
+        f"{evaluated['model']}{step}: "
+        + ("no held-out samples" if loss is None else f"eval loss {fmt_loss(loss)}")
+        + f", {len(rows)} held-out samples answered (greedy)"
+    )
+    table = [{c: r[c] for c in GENERATION_COLUMNS} for r in rows] or [dict.fromkeys(GENERATION_COLUMNS, "")]
+    return table, description
+
+
+def generations_table(root: Path) -> None:
+    table, description = generations(root)
+    create_table_artifact(key="eval-generations", table=table, description=description)
+
+
 def _metric_rows(metrics: dict, prefix: str = "") -> list[str]:
     """Markdown table rows for a registry metrics dict: nested dicts flattened (speed.tokens_per_s), nulls and
     long texts left out, floats to 4 significant digits, learning rates as 1.00e-04."""
@@ -118,10 +142,11 @@ def checkpoint_markdown(root: Path, latest: dict) -> str:
         f"| {stage} | {path} | `{md5}` |" for stage, outs in data_hashes(root).items() for path, md5 in outs.items()
     )
     metrics = "\n".join(_metric_rows(latest["metrics"]))
+    export = f"`{latest['hf_path']}`" if latest["hf_path"] else "another checkpoint's (load_best_model_at_end)"
     dirty = " (tracked source files differed from this commit)" if latest["git_commit"].endswith("-dirty") else ""
     return (
         f"## Checkpoint `{latest['id']}`\n\n- run: {latest['run']}, step {latest['step']}\n- path: "
-        f"`{latest['path']}`, Hugging Face export: `{latest['hf_path']}`\n"
+        f"`{latest['path']}`, Hugging Face export: {export}\n"
         f"- params hash: `{latest['params_hash']}`\n"
         f"- git commit of the code that ran: `{latest['git_commit']}`{dirty}\n\n"
         f"### Metrics\n\n| metric | value |\n|---|---:|\n{metrics}\n\n"

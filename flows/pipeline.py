@@ -59,7 +59,7 @@ def compute_stage(stage: str, project_dir: str, force: bool = False) -> State | 
 @task(task_run_name="{stage}")
 def skipped_stage(stage: str) -> State:
     """A stage DVC would not run (unchanged since dvc.lock): still a task run, so the flow-run graph always
-    reads validate -> decode -> tokenize -> pack -> train -> register."""
+    reads validate -> decode -> tokenize -> pack -> train -> evaluate -> register."""
     message = f"stage {stage} skipped: up to date (unchanged since dvc.lock)"
     get_run_logger().info(message)
     return Completed(message=message)
@@ -102,7 +102,7 @@ def dispatch_training(deployment: str, project_dir: str, remote: str | None) -> 
 
 @flow(name="qwen_vl_pipeline", log_prints=True)
 def qwen_vl_pipeline(project_dir: str = str(PROJECT)) -> dict:
-    """validate -> decode -> tokenize -> pack -> train -> register, each through `dvc repro`."""
+    """validate -> decode -> tokenize -> pack -> train -> evaluate -> register, each through `dvc repro`."""
     root = Path(project_dir)
     params = load_params(root / "params.yaml")
     plan = StagePlan(root)
@@ -126,6 +126,8 @@ def qwen_vl_pipeline(project_dir: str = str(PROJECT)) -> dict:
     else:
         stage("train", train_stage, project_dir)
     artifacts.loss_curve(root)
+    stage("evaluate", compute_stage, "evaluate", project_dir)
+    artifacts.generations_table(root)
     # The registry is this machine's log, which DVC does not hash: where register's inputs match dvc.lock (a fresh
     # clone reproducing a committed run bit for bit) DVC would skip it, so it is forced while the registry here
     # lacks the checkpoint the training left.

@@ -107,6 +107,10 @@ class TrainerArgs(Section):
     # eval_datasets).
     eval_strategy: Literal["no", "steps", "epoch"] = "no"
     eval_steps: int | None = Field(None, ge=1)
+    # Keep the checkpoint with the lowest eval loss (never rotated out by save_total_limit) and export it instead
+    # of the last step's weights (HF's load_best_model_at_end with metric eval_loss). Needs every save to be an
+    # evaluation: eval_strategy steps with save_steps a multiple of eval_steps.
+    load_best_model_at_end: bool = False
     save_steps: int = Field(100, ge=1)
     save_total_limit: int | None = 2
     logging_steps: int = 1
@@ -131,6 +135,19 @@ class TrainerArgs(Section):
             data = {**data, "report_to": [data["report_to"]]}
         return data
 
+    @model_validator(mode="after")
+    def _best_needs_an_eval_at_every_save(self) -> TrainerArgs:
+        if not self.load_best_model_at_end:
+            return self
+        every = self.eval_steps or self.logging_steps
+        if self.eval_strategy != "steps" or self.save_steps % every:
+            raise ValueError(
+                "load_best_model_at_end needs an eval loss at every checkpoint: set eval_strategy: steps and "
+                f"save_steps a multiple of eval_steps (now eval_strategy {self.eval_strategy!r}, eval_steps {every}, "
+                f"save_steps {self.save_steps})"
+            )
+        return self
+
 
 class ValidateConfig(Section):
     allow_remote_media: bool = False
@@ -150,6 +167,16 @@ class DecodeConfig(Section):
     # exact: torchvision's bicubic + antialias in Python, the pixels qwen-vl-utils gives; fast: ffmpeg's bicubic
     # scaler in its filter graph (close, not equal: the stage's metrics report the measured difference)
     resize: Literal["exact", "fast"] = "exact"
+
+
+class EvaluateConfig(Section):
+    """The evaluate stage: the eval loss of a trained model over the held-out packs, and a few generations."""
+
+    # The model to evaluate: None is the run's export (<output_dir>/<run_name>/hf); or a from_pretrained
+    # directory, or a checkpoint-<step> directory of the run (its sharded weights over the base model)
+    checkpoint: str | None = None
+    generations: int = Field(4, ge=0)  # held-out samples the model answers (greedy), shown beside the reference
+    max_new_tokens: int = Field(64, ge=1)
 
 
 class RegistryConfig(Section):
@@ -195,6 +222,7 @@ class Params(Section):
     trainer_args: TrainerArgs = Field(default_factory=TrainerArgs)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 

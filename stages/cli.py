@@ -78,6 +78,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run(args.params)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from schemas.params import load_params
+    from stages.evaluate import run
+
+    r = run(load_params(args.params), checkpoint=args.checkpoint)
+    loss = "no eval loss" if r.eval_loss is None else f"eval loss {r.eval_loss:.6f} over {r.eval_label_tokens} tokens"
+    step = "" if r.step is None else f" (step {r.step})"
+    print(
+        f"evaluate: {r.model}{step}: {loss} of {r.eval_samples} held-out samples in {r.eval_packs} packs; "
+        f"{r.generations} generations in metrics/generations.json; {r.seconds:.1f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_register(args: argparse.Namespace) -> int:
     from schemas.params import load_params
     from stages.register import register
@@ -195,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
             "train with torchrun (FSDP2, padding-free packed rows), checkpoint, export to Hugging Face",
             cmd_train,
         ),
+        ("evaluate", "eval loss of the trained model on the held-out packs, and a few of its answers", cmd_evaluate),
         ("register", "record the run's checkpoints with their lineage in the registry", cmd_register),
         ("registry", "list the registered checkpoints, or show one", cmd_registry),
         ("demo", "write the demo dataset (images, videos, chat rows with known bad rows) to DIR", cmd_demo),
@@ -209,10 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, fn in commands:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(fn=fn)
-        if name in ("validate", "decode", "tokenize", "pack", "train", "register", "registry"):
+        if name in ("validate", "decode", "tokenize", "pack", "train", "evaluate", "register", "registry"):
             _params_arg(p)
         if name == "repro":
             p.add_argument("targets", nargs="*", help="stages to reproduce (default: all)")
+        if name == "evaluate":
+            p.add_argument(
+                "--checkpoint", help="a from_pretrained or checkpoint-<step> directory (default: the run's export)"
+            )
         if name == "registry":
             p.add_argument("action", choices=["list", "show"])
             p.add_argument("id", nargs="?", help="checkpoint id (or a prefix) for show")

@@ -41,6 +41,8 @@ EXPLAINED = {
     "model_config.model_type": "the family comes from dataset_config.processor_config.processor_type",
     "trainer_args.reduce_dtype": "gradients are reduced in fp32 under bf16 mixed precision",
     "trainer_args.output_dtype": "the Hugging Face export keeps the training dtype",
+    "trainer_args.metric_for_best_model": "load_best_model_at_end keeps the checkpoint of the lowest eval_loss",
+    "trainer_args.greater_is_better": "load_best_model_at_end keeps the checkpoint of the lowest eval_loss",
 }
 HF_ONLY = "a Hugging Face Trainer argument with no equivalent in this pipeline"
 
@@ -150,7 +152,8 @@ def _map_trainer(src: dict[str, Any], report: ImportReport) -> dict[str, Any]:
 def _drop_invalid(params: dict[str, Any], report: ImportReport) -> Params:
     """Validate; a value this pipeline does not accept is removed (default kept) and reported.
 
-    Inside a list (e.g. one dataset entry with data_type arrow) the whole list element is removed.
+    Inside a list (e.g. one dataset entry with data_type arrow) the whole list element is removed. Values of one
+    section that contradict each other (e.g. load_best_model_at_end without an eval at every save) are an error.
     """
     for _ in range(100):
         try:
@@ -161,8 +164,10 @@ def _drop_invalid(params: dict[str, Any], report: ImportReport) -> Params:
             for depth, part in enumerate(loc):
                 child = node[part] if isinstance(node, (dict, list)) else None
                 if isinstance(part, int) or depth == len(loc) - 1:
-                    bad = node.pop(part)
                     where = ".".join(map(str, loc[: depth + 1]))
+                    if not isinstance(part, int) and isinstance(child, dict):  # contradicting values: none to drop
+                        raise ConfigError(f"cannot convert the config: {where}: {err['msg']}") from None
+                    bad = node.pop(part)
                     report.unmapped[where] = f"value {bad!r} removed: {err['msg']}"
                     break
                 node = child

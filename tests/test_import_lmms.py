@@ -65,6 +65,21 @@ def test_unsupported_values_are_dropped_with_reason(tmp_path):
     assert report.params["trainer_args"]["learning_rate"] == pytest.approx(2e-5)
 
 
+def test_eval_keys_map_and_best_model_keys_are_explained(tmp_path):
+    """HF's evaluation keys carry over; metric_for_best_model is explained (the best is by eval loss here); a
+    load_best_model_at_end whose saves are not all evaluations is refused with the reason."""
+    trainer = {"eval_strategy": "steps", "eval_steps": 50, "save_steps": 100, "load_best_model_at_end": True}
+    cfg = [{"type": "trainer", "config": trainer | {"metric_for_best_model": "eval_loss"}}]
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    report = import_lmms(path)
+    assert {k: report.params["trainer_args"][k] for k in trainer} == trainer
+    assert "lowest eval_loss" in report.unmapped["trainer_args.metric_for_best_model"]
+    path.write_text(yaml.safe_dump([{"type": "trainer", "config": trainer | {"save_steps": 75}}]))
+    with pytest.raises(ConfigError, match="save_steps a multiple of eval_steps"):
+        import_lmms(path)
+
+
 def test_not_a_trainer_config(tmp_path):
     path = tmp_path / "x.yaml"
     path.write_text("- type: dataset\n  config: {}\n")

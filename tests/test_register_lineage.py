@@ -9,7 +9,7 @@ import subprocess
 
 from schemas.params import parse_params
 from stages.register import git_commit, newest_registered, register
-from stages.train.checkpoint import STATE_FILE
+from stages.train.checkpoint import EXPORT_FILE, STATE_FILE
 
 
 def git(root, *args):
@@ -51,3 +51,24 @@ def test_newest_row_is_the_last_trainings_checkpoint_not_the_highest_step(tmp_pa
     rows = register(params, tmp_path)
     assert [r["step"] for r in rows] == [6, 2] and rows[-1]["metrics"]["loss"] == 2.0
     assert newest_registered(params, tmp_path)["id"] == rows[-1]["id"]
+
+
+def test_export_row_is_the_checkpoint_its_weights_are_from_with_the_evaluate_metrics(tmp_path):
+    """With load_best_model_at_end the export holds an earlier step's weights: hf_path and the evaluate stage's
+    metrics go to that checkpoint's row, every row keeps its own eval loss, the newest keeps train.json's."""
+    for step, eval_loss in ((2, 1.5), (4, 1.9)):
+        ckpt = tmp_path / f"output/demo/checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        history = [{"step": step, "loss": 2.0, "eval_loss": eval_loss}]
+        (ckpt / STATE_FILE).write_text(json.dumps({"step": step, "history": history}))
+    (tmp_path / "output/demo/hf").mkdir()
+    (tmp_path / "output/demo/hf" / EXPORT_FILE).write_text(json.dumps({"step": 2}))
+    (tmp_path / "metrics").mkdir()
+    evaluated = {"model": "output/demo/hf", "step": 2, "eval_loss": 1.5}
+    (tmp_path / "metrics/evaluate.json").write_text(json.dumps(evaluated))
+    (tmp_path / "metrics/train.json").write_text(json.dumps({"final_loss": 2.0, "best_eval_step": 2}))
+    best, newest = register(parse_params({}), tmp_path)
+    assert (best["step"], best["hf_path"], best["metrics"]["evaluate"]) == (2, "output/demo/hf", evaluated)
+    assert (newest["step"], newest["hf_path"], newest["metrics"]["best_eval_step"]) == (4, None, 2)
+    assert (best["metrics"]["eval_loss"], newest["metrics"]["eval_loss"]) == (1.5, 1.9)
+    assert "evaluate" not in newest["metrics"]

@@ -1,10 +1,12 @@
 """The register stage: record each checkpoint of a run with its lineage in a DuckDB registry.
 
 One row per checkpoint: id (run + step + content hash), run, step, path, metrics, the params hash, the data
-hashes of every stage in dvc.lock, the git commit and the time. The newest checkpoint's metrics hold
-metrics/train.json and, under ``speed``, the last training process's metrics/train_speed.json (not a dependency of
-the stage: its wall-clock figures differ on every run). Registering the same checkpoint again is a
-no-op; concurrent registrations wait for the database lock and both land.
+hashes of every stage in dvc.lock, the git commit and the time. A checkpoint's metrics are its step's history
+entry (loss, and eval_loss where that step was evaluated); the newest checkpoint's also hold metrics/train.json and,
+under ``speed``, the last training process's metrics/train_speed.json (not a dependency of the stage: its wall-clock
+figures differ on every run). ``hf_path`` is set on the checkpoint the export's weights are from (the newest, or
+the best with load_best_model_at_end), whose metrics also hold metrics/evaluate.json under ``evaluate``.
+Registering the same checkpoint again is a no-op; concurrent registrations wait for the database lock and both land.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import yaml
 
 from schemas.errors import StageInputError
 from schemas.params import Params
-from stages.train.checkpoint import STATE_FILE, complete_checkpoints
+from stages.train.checkpoint import EXPORT_FILE, STATE_FILE, complete_checkpoints
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS checkpoints (
     id VARCHAR PRIMARY KEY, run VARCHAR, step BIGINT, path VARCHAR, hf_path VARCHAR, metrics JSON,
@@ -95,22 +97,27 @@ def register(params: Params, root: Path = Path(".")) -> list[dict]:
     if speed := _read_json(root / "metrics/train_speed.json"):
         metrics["speed"] = speed
     lineage = {"params_hash": params_hash(params), "data_hashes": data_hashes(root), "git_commit": git_commit(root)}
+    hf = run_dir / "hf"
+    exported = _read_json(hf / EXPORT_FILE).get("step", "newest") if hf.is_dir() else None
+    evaluated = _read_json(root / "metrics/evaluate.json")
     rows = []
     for ckpt in checkpoints:
         state = json.loads((ckpt / STATE_FILE).read_text())
+        is_export = exported == state["step"] or (exported == "newest" and ckpt == checkpoints[-1])
         step_metrics = {
             **(state["history"][-1] if state.get("history") else {}),
             **(metrics if ckpt == checkpoints[-1] else {}),
         }
         step_metrics.pop("packs", None)
-        hf = run_dir / "hf"
+        if is_export and evaluated.get("model") == str(hf.relative_to(root)):
+            step_metrics["evaluate"] = evaluated
         rows.append(
             {
                 "id": checkpoint_id(args.run_name, ckpt),
                 "run": args.run_name,
                 "step": state["step"],
                 "path": str(ckpt.relative_to(root)),
-                "hf_path": str(hf.relative_to(root)) if hf.is_dir() and ckpt == checkpoints[-1] else None,
+                "hf_path": str(hf.relative_to(root)) if is_export else None,
                 "metrics": json.dumps(step_metrics),
                 **lineage,
             }

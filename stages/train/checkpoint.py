@@ -29,6 +29,7 @@ from stages.train.distributed import Distributed
 from stages.train.loading import checkpoint_dtype
 
 STATE_FILE = "trainer_state.json"
+EXPORT_FILE = "qvl_export.json"  # in the Hugging Face export: the step (checkpoint) its weights are from
 NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -38,6 +39,19 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := NAME.match(p.name)) and (p / STATE_FILE).exists()]
     return [p for _, p in sorted(found)]
+
+
+def eval_loss_of(ckpt: Path) -> float | None:
+    """The eval loss a checkpoint's step was evaluated at (None: that step was not evaluated)."""
+    history = json.loads((ckpt / STATE_FILE).read_text()).get("history") or [{}]
+    return history[-1].get("eval_loss")
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the lowest eval loss (the earliest of equals), or None if none was evaluated."""
+    found = enumerate(complete_checkpoints(run_dir))
+    scored = [(loss, i, c) for i, c in found if (loss := eval_loss_of(c)) is not None]
+    return min(scored)[2] if scored else None
 
 
 def run_fingerprint(params, root: Path) -> str:
@@ -199,10 +213,20 @@ def _agree_or_raise(failure: BaseException | None, tmp: Path, final: Path, need:
     raise PipelineError(f"could not write checkpoint {final}: {type(failure).__name__}: {reason}")
 
 
-def save(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict, keep: int | None) -> Path:
-    """Write checkpoint-<step> atomically (all ranks). Rank 0 prints a warning first when free space looks short;
-    a failed write (a full disk above all) raises PipelineError on every rank and leaves the previous checkpoints
-    as they were."""
+def save(
+    run_dir: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    trainer_state: dict,
+    keep: int | None,
+    keep_best: bool = False,
+) -> Path:
+    """Write checkpoint-<step> atomically (all ranks), then keep the newest ``keep`` (and, with ``keep_best``, the
+    one of the lowest eval loss besides, as HF's load_best_model_at_end does). Rank 0 prints a warning first when
+    free space looks short; a failed write (a full disk above all) raises PipelineError on every rank and leaves
+    the previous checkpoints as they were."""
     import sys
 
     rank = dist.get_rank()
@@ -237,8 +261,10 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: d
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         if keep:
+            best = best_checkpoint(run_dir) if keep_best else None
             for old in complete_checkpoints(run_dir)[:-keep]:  # the newest complete one is never deleted
-                shutil.rmtree(old, ignore_errors=True)
+                if old != best:
+                    shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
@@ -257,10 +283,22 @@ def load(path: Path, model, optimizer, scheduler) -> dict:
     return trainer_state
 
 
-def export_hf(model, model_class: type, base_path: str | Path, processor, out_dir: Path, env: Distributed) -> None:
+def load_weights(path: Path, model) -> None:
+    """Only the model weights of checkpoint ``path`` (all ranks; e.g. the best one, before the export)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+
+
+def export_hf(
+    model, model_class: type, base_path: str | Path, processor, out_dir: Path, env: Distributed, step: int
+) -> None:
     """Consolidate the sharded weights on rank 0 (one tensor at a time, offloaded to host memory) and write a
     from_pretrained-loadable directory atomically, in the base checkpoint's dtype (bf16 for the released Qwen
-    models). The other ranks wait on a gloo barrier whose timeout outlasts a long write."""
+    models), with EXPORT_FILE naming the step of the weights. The other ranks wait on a gloo barrier whose
+    timeout outlasts a long write."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if env.rank == 0:
         dtype = checkpoint_dtype(base_path)
@@ -275,6 +313,7 @@ def export_hf(model, model_class: type, base_path: str | Path, processor, out_di
             fresh.tie_weights()
         fresh.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        (tmp / EXPORT_FILE).write_text(json.dumps({"step": step, "checkpoint": f"checkpoint-{step}"}) + "\n")
         shutil.rmtree(out_dir, ignore_errors=True)
         os.rename(tmp, out_dir)
     del full

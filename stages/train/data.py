@@ -9,7 +9,7 @@ each sample alone; pixels from the processor's image and video processors (video
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -149,10 +149,28 @@ class RowBuilder:
         """One row of the given samples, in order (``build`` for whole packs; tests and benchmarks for others)."""
         return self._build_rows(self.samples.rows_of(sample_ids), pack_ids or [], dummy)
 
+    def vision_inputs(self, media: list[dict], names: Callable[[], list[str]] = list) -> dict:
+        """The image and video processors' tensors for the samples whose media rows (``samples.media``) are given,
+        checked against the tokenized grids; no dummy segment (``names``: the samples' ids, for the error)."""
+        images = [Image.open(self.root / p).convert("RGB") for s in media for p in s["image_paths"]]
+        videos = [self.frames.get(k) for s in media for k in s["video_keys"]]
+        vision = {}
+        if images:
+            out = self.processor.image_processor(images=images, return_tensors="pt", **self.vision.images_kwargs())
+            vision["pixel_values"], vision["image_grid_thw"] = out["pixel_values"], out["image_grid_thw"]
+            if out["image_grid_thw"].tolist() != [g for s in media for g in s["image_grid_thw"]]:
+                raise ValueError(f"samples {names()}: image grids differ from the tokenized data; re-run tokenize")
+        if videos:
+            kwargs = self.vision.videos_kwargs(videos)
+            out = self.processor.video_processor(videos=[v.frames for v in videos], return_tensors="pt", **kwargs)
+            vision["pixel_values_videos"], vision["video_grid_thw"] = out["pixel_values_videos"], out["video_grid_thw"]
+            if out["video_grid_thw"].tolist() != [g for s in media for g in s["video_grid_thw"]]:
+                raise ValueError(f"samples {names()}: video grids differ from the tokenized data; re-run tokenize")
+        return vision
+
     def _build_rows(self, rows: np.ndarray, pack_ids: list[int], dummy: bool) -> Row:
         """One row of the tokenized rows ``rows``, in order; only these rows are read from the mapped file."""
-        ids_parts, target_parts, pos_parts, images, videos = [], [], [], [], []
-        image_grids, video_grids = [], []
+        ids_parts, target_parts, pos_parts, media = [], [], [], []
         for r in rows.tolist():
             s = self.samples.media(r)
             input_ids, labels = self.samples.tokens(r)  # int32 views of the mapped file
@@ -163,36 +181,18 @@ class RowBuilder:
                 pos_parts.append(torch.cat([torch.arange(ids.shape[1]).view(1, 1, -1), self._rope(s, ids)], dim=0))
             else:  # text: the text position and the three M-RoPE rows are all 0..n-1
                 pos_parts.append(torch.arange(len(input_ids)).expand(4, 1, -1))
-            images += [Image.open(self.root / p).convert("RGB") for p in s["image_paths"]]
-            videos += [self.frames.get(k) for k in s["video_keys"]]
-            image_grids += s["image_grid_thw"]
-            video_grids += s["video_grid_thw"]
-        for kind, present in (("image", images), ("video", videos)):
-            if not present:
+            media.append(s)
+        vision = self.vision_inputs(media, lambda: self.samples.ids(rows))
+        for kind in ("image", "video"):
+            if f"{kind}_grid_thw" not in vision:
                 segment = self.dummies[kind]
                 ids_parts.append(segment["ids"][0].numpy())
                 target_parts.append(np.full(segment["ids"].shape[1], IGNORE))
                 pos_parts.append(segment["positions"])
+                vision.update(segment["vision"])
         targets = torch.from_numpy(np.concatenate(target_parts).astype(np.int64)).view(1, -1)
         if dummy:
             targets.fill_(IGNORE)
-        vision = {}
-        if images:
-            out = self.processor.image_processor(images=images, return_tensors="pt", **self.vision.images_kwargs())
-            vision["pixel_values"], vision["image_grid_thw"] = out["pixel_values"], out["image_grid_thw"]
-            if out["image_grid_thw"].tolist() != image_grids:
-                names = self.samples.ids(rows)
-                raise ValueError(f"samples {names}: image grids differ from the tokenized data; re-run tokenize")
-        if videos:
-            kwargs = self.vision.videos_kwargs(videos)
-            out = self.processor.video_processor(videos=[v.frames for v in videos], return_tensors="pt", **kwargs)
-            vision["pixel_values_videos"], vision["video_grid_thw"] = out["pixel_values_videos"], out["video_grid_thw"]
-            if out["video_grid_thw"].tolist() != video_grids:
-                names = self.samples.ids(rows)
-                raise ValueError(f"samples {names}: video grids differ from the tokenized data; re-run tokenize")
-        for kind, present in (("image", images), ("video", videos)):
-            if not present:
-                vision.update(self.dummies[kind]["vision"])
         return Row(
             torch.from_numpy(np.concatenate(ids_parts).astype(np.int64)).view(1, -1),
             targets,

@@ -61,6 +61,7 @@ def eval_loss(
             sums[0] += row_loss_sum(model, row, device, sp, liger, pad_id).double()
             sums[1] += row.label_tokens if counts_labels else 0
     model.train(was_training)
-    dist.all_reduce(sums)
+    if dist.is_initialized():  # the evaluate stage runs one process, without a process group
+        dist.all_reduce(sums)
     loss, labels = sums.tolist()
     return loss / max(labels, 1), int(labels)

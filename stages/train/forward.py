@@ -60,6 +60,12 @@ def install_loss_forward(model) -> None:
     model.forward = MethodType(_forward, model)
 
 
+def remove_loss_forward(model) -> None:
+    """Undo `install_loss_forward` (generate reads the model's forward signature to check its inputs)."""
+    if getattr(model.forward, "__func__", None) is _forward:
+        del model.forward
+
+
 def row_loss_sum(
     model,
     row: Row,

@@ -220,7 +220,16 @@ def train(params_path: str) -> None:
                 log(f"eval at step {step}: loss {held_out:.6f} over {held_out_labels} label tokens")
             if step % args.save_steps == 0 or step == total_steps:
                 trainer_state = {"loader": vars(state), "history": history, "fingerprint": fingerprint}
-                checkpoint.save(run_dir, step, model, optimizer, scheduler, trainer_state, args.save_total_limit)
+                checkpoint.save(
+                    run_dir,
+                    step,
+                    model,
+                    optimizer,
+                    scheduler,
+                    trainer_state,
+                    args.save_total_limit,
+                    keep_best=args.load_best_model_at_end,
+                )
                 if rank == 0:
                     write_outputs(
                         root, history, summarize(history), speed(history, seconds, peak, world, peak_memory_gb(device))
@@ -231,9 +240,15 @@ def train(params_path: str) -> None:
         write_outputs(root, history, summarize(history), speed(history, seconds, peak, world, peak_memory_gb(device)))
     progress.close()
     reporters.close()
+    exported = step
+    if args.load_best_model_at_end and (best := checkpoint.best_checkpoint(run_dir)):
+        checkpoint.load_weights(best, model)
+        exported = int(best.name.split("-")[1])
+        log(f"load_best_model_at_end: exporting {best.name} (eval loss {checkpoint.eval_loss_of(best):.6f})")
     base = params.model_config_.load_from_pretrained_path
-    checkpoint.export_hf(model, fam.transformers_class(fam.model_class), base, processor, run_dir / "hf", env)
-    log(f"exported {run_dir / 'hf'}")
+    model_class = fam.transformers_class(fam.model_class)
+    checkpoint.export_hf(model, model_class, base, processor, run_dir / "hf", env, exported)
+    log(f"exported {run_dir / 'hf'} (the weights of step {exported})")
     dist.destroy_process_group()
 
 

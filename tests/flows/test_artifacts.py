@@ -7,7 +7,7 @@ import re
 
 import yaml
 
-from flows.artifacts import checkpoint_markdown, loss_markdown
+from flows.artifacts import GENERATION_COLUMNS, checkpoint_markdown, generations, loss_markdown
 from stages.train.plot import loss_svg
 from stages.train.telemetry import write_outputs
 
@@ -84,3 +84,29 @@ def test_eval_losses_reach_the_metrics_the_plot_and_the_loss_artifact(tmp_path):
     plain = [{k: v for k, v in h.items() if not k.startswith("eval")} for h in history]
     write_outputs(tmp_path, plain, summarize(plain), {})
     assert "eval_loss" not in summarize(plain) and "Eval loss" not in loss_markdown(tmp_path)
+
+
+def test_generations_artifact_is_the_evaluate_stages_table(tmp_path):
+    """The table keeps the four columns a person reads, in the stage's order; the description names the model, its
+    step and the eval loss; a run without held-out samples says so over one empty row."""
+    (tmp_path / "metrics").mkdir()
+    answers = [
+        {
+            "sample_id": f"s{i}",
+            "prompt": "<image> What?",
+            "reference": "a cat",
+            "generated": "a dog",
+            "generated_tokens": 3,
+        }
+        for i in range(2)
+    ]
+    (tmp_path / "metrics/generations.json").write_text(json.dumps(answers))
+    evaluated = {"model": "output/demo/hf", "step": 6, "eval_loss": 11.7558972}
+    (tmp_path / "metrics/evaluate.json").write_text(json.dumps(evaluated))
+    table, description = generations(tmp_path)
+    assert [r["sample_id"] for r in table] == ["s0", "s1"] and list(table[0]) == list(GENERATION_COLUMNS)
+    assert description == "output/demo/hf (step 6): eval loss 11.76, 2 held-out samples answered (greedy)"
+    (tmp_path / "metrics/generations.json").write_text("[]")
+    (tmp_path / "metrics/evaluate.json").write_text(json.dumps(evaluated | {"eval_loss": None, "step": None}))
+    table, description = generations(tmp_path)
+    assert table == [dict.fromkeys(GENERATION_COLUMNS, "")] and "no held-out samples" in description

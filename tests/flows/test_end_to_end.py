@@ -25,7 +25,7 @@ from tests.flows.helpers import (
 )
 
 pytestmark = pytest.mark.slow
-STAGES = ["validate", "decode", "tokenize", "pack", "train", "register"]
+STAGES = ["validate", "decode", "tokenize", "pack", "train", "evaluate", "register"]
 RANKS = ("torch.distributed.run", "stages.train.worker")  # torchrun and each rank
 STAGE = ("stages.train", "dvc repro")  # qvl train and the DVC process that started it
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -87,6 +87,7 @@ def test_qvl_run_end_to_end_then_nothing_then_only_what_changed(clone, tmp_path)
 
     rows = read_registry(clone / "registry/registry.duckdb")
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["hf_path"] == "output/demo/hf"
+    assert rows[-1]["metrics"]["evaluate"]["eval_loss"] == rows[-1]["metrics"]["eval_loss"]  # the export = step 2
     hashes = rows[-1]["data_hashes"]
     assert {"validate", "decode", "tokenize", "pack"} <= set(hashes) and hashes["pack"]["data/packed"]
     assert len(rows[-1]["git_commit"]) >= 40
@@ -128,8 +129,10 @@ def test_prefect_deployment_run_on_a_real_server_and_worker(clone, stack):
         "packing-efficiency",
         "training-progress",
         "loss-curve",
+        "eval-generations",
         "registered-checkpoint",
     } <= set(found)
+    assert "Describe this image" in found["eval-generations"] and "reference" in found["eval-generations"]
     assert "demo@3-" in found["registered-checkpoint"] and "| pack | data/packed |" in found["registered-checkpoint"]
     assert float(found["training-progress"]) == 100.0
     assert "](data:image/svg+xml;base64," in found["loss-curve"]  # the chart, as an image the UI's markdown shows
@@ -218,7 +221,8 @@ def test_dvc_experiment_compares_with_the_committed_run(clone):
         loss = metrics["metrics/train.json"].get("data", {}).get("final_loss")  # {"error": ...} when not in git
         efficiency = metrics["metrics/pack.json"].get("data", {}).get("efficiency")
         held_out = metrics["metrics/train.json"].get("data", {}).get("eval_loss")  # the demo holds out 20%
+        exported = metrics["metrics/evaluate.json"].get("data", {}).get("eval_loss")  # the evaluate stage's
         assert isinstance(loss, float) and isinstance(efficiency, float), (row["rev"], metrics)
-        assert isinstance(held_out, float), (row["rev"], metrics)
+        assert isinstance(held_out, float) and exported == pytest.approx(held_out, rel=1e-5), (row["rev"], metrics)
     params = experiments[0]["data"]["params"]["params.yaml"]["data"]
     assert params["trainer_args"]["learning_rate"] == 2e-4

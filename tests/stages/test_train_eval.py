@@ -1,5 +1,6 @@
 """In-loop evaluation through real `qvl train` launches (torchrun, gloo, FSDP2): the held-out loss it reports
-equals the plain transformers model's loss over the same held-out samples, with data and sequence parallelism."""
+equals the evaluate stage's loss of the same step's checkpoint and the plain transformers model's loss over the
+same held-out samples, with data and sequence parallelism; load_best_model_at_end keeps and exports the best."""
 
 import csv
 import json
@@ -12,6 +13,8 @@ import pytest
 import torch
 import yaml
 
+from stages.evaluate import GENERATIONS
+from stages.evaluate import run as evaluate
 from stages.families import family
 from stages.train.data import RowBuilder
 from stages.train.samples import EVAL_PACKS
@@ -53,10 +56,9 @@ def train(root, model_dir, name, **trainer) -> dict[int, float]:
         model_dir,
         run_name=name,
         eval_strategy="steps",
-        eval_steps=2,
         max_steps=3,
         dataloader_num_workers=0,
-        **trainer,
+        **({"eval_steps": 2, "save_steps": 1, "save_total_limit": None} | trainer),
     )
     path.write_text(yaml.safe_dump(params.model_dump(by_alias=True, mode="json")))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -70,11 +72,20 @@ def train(root, model_dir, name, **trainer) -> dict[int, float]:
     return evals
 
 
-def test_eval_loss_equals_the_plain_model_on_the_held_out_samples(eval_project):
+def evaluated(root, model_dir, checkpoint: str) -> float:
+    """The evaluate stage's eval loss of ``checkpoint`` (a directory under ``root``)."""
+    result = evaluate(params_for(model_dir), root, checkpoint=checkpoint)
+    assert result.eval_label_tokens > 0
+    return result.eval_loss
+
+
+def test_eval_loss_equals_the_evaluate_stage_and_the_plain_model(eval_project):
     """Evaluations at steps 2 and 3 (eval_steps 2, and the last step), the same with 2 data-parallel ranks and
-    with sequence parallelism 2; the last equals the exported model's loss summed over every held-out sample,
-    one at a time through transformers with ``labels=``, over their label tokens. metrics/train.json and
-    plots/eval_loss.csv report the evaluations."""
+    with sequence parallelism 2; each equals the evaluate stage's loss of that step's checkpoint (one process,
+    its weights loaded from the sharded checkpoint) and the last also the export's; the last equals the exported
+    model's loss summed over every held-out sample, one at a time through transformers with ``labels=``, over
+    their label tokens. metrics/train.json and plots/eval_loss.csv report the evaluations; the evaluate stage
+    answers held-out samples into its generations table."""
     root, model_dir = eval_project
     data_parallel = train(root, model_dir, "dp2", nproc_per_node=2)
     metrics = json.loads((root / "metrics/train.json").read_text())
@@ -84,6 +95,13 @@ def test_eval_loss_equals_the_plain_model_on_the_held_out_samples(eval_project):
     best = min(data_parallel, key=data_parallel.get)
     assert metrics["eval_loss"] == data_parallel[3]
     assert (metrics["best_eval_loss"], metrics["best_eval_step"]) == (data_parallel[best], best)
+    for step, value in data_parallel.items():
+        assert evaluated(root, model_dir, f"output/dp2/checkpoint-{step}") == pytest.approx(value, rel=1e-5)
+    assert json.loads((root / "output/dp2/hf/qvl_export.json").read_text())["step"] == 3
+    assert evaluated(root, model_dir, "output/dp2/hf") == pytest.approx(data_parallel[3], rel=1e-5)
+    table = json.loads((root / GENERATIONS).read_text())
+    assert len(table) == params_for(model_dir).evaluate.generations
+    assert all(r["reference"] and r["generated_tokens"] > 0 for r in table)
 
     fam = family(FAMILY)
     model = fam.transformers_class(fam.model_class).from_pretrained(
@@ -106,3 +124,27 @@ def test_eval_loss_equals_the_plain_model_on_the_held_out_samples(eval_project):
     assert sequence_parallel.keys() == data_parallel.keys()
     for step, value in data_parallel.items():
         assert sequence_parallel[step] == pytest.approx(value, rel=1e-5)
+        assert evaluated(root, model_dir, f"output/sp2/checkpoint-{step}") == pytest.approx(value, rel=1e-5)
+
+
+def test_load_best_model_at_end_keeps_and_exports_the_best_checkpoint(eval_project):
+    """A learning rate high enough that the eval loss rises again before the last step: with save_total_limit 1,
+    the best checkpoint is kept beside the newest, the export holds its weights (the evaluate stage's loss of the
+    export equals the in-loop eval loss at the best step), and the export names its step."""
+    root, model_dir = eval_project
+    losses = train(
+        root,
+        model_dir,
+        "best",
+        nproc_per_node=2,
+        learning_rate=0.05,
+        eval_steps=1,
+        save_total_limit=1,
+        load_best_model_at_end=True,
+    )
+    best = min(losses, key=losses.get)
+    assert sorted(losses) == [1, 2, 3] and best < 3, losses  # the premise: the last step is not the best
+    kept = sorted(p.name for p in (root / "output/best").glob("checkpoint-*"))
+    assert kept == [f"checkpoint-{best}", "checkpoint-3"]
+    assert json.loads((root / "output/best/hf/qvl_export.json").read_text())["step"] == best
+    assert evaluated(root, model_dir, "output/best/hf") == pytest.approx(losses[best], rel=1e-5)

@@ -36,19 +36,25 @@ def reference_loss_sum(model, builder, sample_id: str) -> torch.Tensor:
     """One sample through the plain transformers model with ``labels=``: transformers computes the positions
     (get_rope_index, from the processor's ``mm_token_type_ids``), the causal mask, the label shift and the mean
     cross-entropy; times the label count = the summed loss."""
+    labels = torch.tensor([builder.samples[sample_id]["labels"]])
+    inputs = reference_inputs(builder, sample_id) | {"labels": labels}
+    return model(**inputs, use_cache=False).loss * int((labels[0, 1:] != -100).sum())
+
+
+def reference_inputs(builder, sample_id: str) -> dict:
+    """One whole sample as the plain transformers model takes it (the processor's token types, pixels, grids)."""
     s = builder.samples[sample_id]
     ids = torch.tensor([s["input_ids"]])
-    labels = torch.tensor([s["labels"]])
     vision = builder.build_samples([sample_id]).vision  # the processor's pixels of this sample (+ dummies)
     mm_types = torch.tensor(builder.processor.create_mm_token_type_ids([s["input_ids"]]))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "mm_token_type_ids": mm_types}
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": mm_types}
     if s["image_paths"]:
         inputs |= {"pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
     if s["video_keys"]:
         inputs |= {"pixel_values_videos": vision["pixel_values_videos"], "video_grid_thw": vision["video_grid_thw"]}
         if s["second_per_grid_ts"]:
             inputs["second_per_grid_ts"] = torch.tensor(s["second_per_grid_ts"])
-    return model(**inputs, use_cache=False).loss * int((labels[0, 1:] != -100).sum())
+    return inputs
 
 
 @pytest.mark.parametrize("attention", ["sdpa", ATTENTION_NAME])
