@@ -76,6 +76,9 @@ class DatasetConfig(Section):
 class ModelConfig(Section):
     load_from_pretrained_path: str = "models/tiny-qwen2_5_vl"
     attn_implementation: str = "auto"
+    # Mixture-of-experts models (Qwen3-VL-MoE): the weight of the router load-balancing loss added to the loss;
+    # None: the checkpoint config's router_aux_loss_coef; 0: off. Ignored by dense models.
+    router_aux_loss_coef: float | None = Field(None, ge=0)
 
 
 class FsdpConfig(Section):

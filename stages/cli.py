@@ -180,13 +180,14 @@ def cmd_import_lmms(args: argparse.Namespace) -> int:
 
 
 def cmd_setup_demo(args: argparse.Namespace) -> int:
-    """Everything the default params.yaml points at: the demo data and the tiny models."""
+    """Everything the default params.yaml points at: the demo data and the tiny models (Qwen2.5-VL and Qwen3-VL,
+    and those of the families asked for with --family)."""
     from stages.demo import write_demo
     from stages.tiny_model import make_tiny_model
 
     if args.force or not Path("data/demo").exists():
         write_demo("data/demo")
-    for fam in ("qwen2_5_vl", "qwen3_vl"):
+    for fam in dict.fromkeys(["qwen2_5_vl", "qwen3_vl", *(args.family or [])]):
         if args.force or not Path(f"models/tiny-{fam}").exists():
             make_tiny_model(fam, f"models/tiny-{fam}")
     print("demo data in data/demo, tiny models in models/")
@@ -246,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-o", "--output", default="params.yaml", help="where to write (default: params.yaml)")
         elif name == "setup-demo":
             p.add_argument("--force", action="store_true", help="rebuild even if present")
+            p.add_argument(
+                "--family",
+                action="append",
+                choices=FAMILY_NAMES,
+                help="also build models/tiny-<family> (repeatable), e.g. qwen2_vl, qwen3_vl_moe",
+            )
     return parser
 
 

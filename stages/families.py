@@ -31,6 +31,9 @@ class ModelFamily:
     rms_norm_classes: tuple[str, ...]  # Qwen-form RMSNorm modules use_liger_kernel swaps (stages/train/liger.py)
     swiglu_mlp_classes: tuple[str, ...]  # gate/up/down + SiLU MLP modules use_liger_kernel swaps
     has_deepstack: bool
+    # Mixture-of-experts text layers: the router's load-balancing loss (transformers' load_balancing_loss_func,
+    # weighted by model_config.router_aux_loss_coef) is added to the loss (stages/train/forward.py)
+    moe: bool
     extra_tokens: tuple[str, ...]  # added tokens after the special ones, as in the released tokenizer
     chat_template: str  # file name under stages/templates/
     video_processor_class: str
@@ -75,6 +78,7 @@ _FAMILIES = {
             rms_norm_classes=("Qwen2VLRMSNorm",),
             swiglu_mlp_classes=("Qwen2MLP",),
             has_deepstack=False,
+            moe=False,
             extra_tokens=EXTRA_TOKENS_QWEN2,
             chat_template="qwen2_5_vl.jinja",
             video_processor_class="Qwen2VLVideoProcessor",
@@ -84,7 +88,8 @@ _FAMILIES = {
             tiny_text_config={
                 "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]}
             },
-            tiny_vision_config={"embed_dim": 64, "num_heads": 4, "mlp_ratio": 2},
+            # Qwen2-VL's vision hidden_size is the merger's output width: the tiny text model's hidden size
+            tiny_vision_config={"embed_dim": 64, "num_heads": 4, "mlp_ratio": 2, "hidden_size": 128},
         ),
         ModelFamily(
             processor_type="qwen2_5_vl",
@@ -102,6 +107,7 @@ _FAMILIES = {
             rms_norm_classes=("Qwen2_5_VLRMSNorm",),
             swiglu_mlp_classes=("Qwen2MLP", "Qwen2_5_VLMLP"),  # text MLP; vision MLP (with biases)
             has_deepstack=False,
+            moe=False,
             extra_tokens=EXTRA_TOKENS_QWEN2,
             chat_template="qwen2_5_vl.jinja",
             video_processor_class="Qwen2VLVideoProcessor",
@@ -137,6 +143,7 @@ _FAMILIES = {
             rms_norm_classes=("Qwen3VLTextRMSNorm",),  # includes the per-head q_norm / k_norm
             swiglu_mlp_classes=("Qwen3VLTextMLP",),  # the vision tower has LayerNorm and a GELU MLP
             has_deepstack=True,
+            moe=False,
             extra_tokens=EXTRA_TOKENS_QWEN3,
             chat_template="qwen3_vl.jinja",
             video_processor_class="Qwen3VLVideoProcessor",
@@ -172,6 +179,15 @@ _FAMILIES["qwen3_vl_moe"] = replace(
     vision_block_class="Qwen3VLMoeVisionBlock",
     rms_norm_classes=("Qwen3VLMoeTextRMSNorm",),
     swiglu_mlp_classes=("Qwen3VLMoeTextMLP",),  # the dense layers' MLP; the experts are left alone
+    moe=True,
+    tiny_text_config={
+        **_FAMILIES["qwen3_vl"].tiny_text_config,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "mlp_only_layers": [1],  # layer 0 sparse (experts), layer 1 dense: both kinds in the tiny model
+        "router_aux_loss_coef": 0.001,  # transformers' default
+    },
 )
 FAMILY_NAMES = tuple(_FAMILIES)
 

@@ -24,6 +24,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 REPO = Path(__file__).resolve().parent.parent
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # every test runs for these
+MORE_FAMILIES = ("qwen2_vl", "qwen3_vl_moe")  # the issue-17 tests: processor, packed loss, train/resume/SP/export
 TIERS = ("unit", "model", "slow", "gpu")
 MODEL_FIXTURES = {"tiny_models", "packed_project"}  # a test that uses one of these loads a model
 # Files owned elsewhere that cannot carry a module mark: their tier by path.
@@ -129,10 +131,18 @@ def processor_of(model_dir: Path | str):
     return AutoProcessor.from_pretrained(model_dir)
 
 
+class _TinyModels(dict):
+    """family -> directory of a tiny random model, built (or found in the cache) when first asked for."""
+
+    def __missing__(self, family_name: str) -> Path:
+        self[family_name] = cached_tiny_model(family_name)
+        return self[family_name]
+
+
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:
     """family -> directory of a tiny random model with a real processor (read-only: tests must not write there)."""
-    return {fam: cached_tiny_model(fam) for fam in ("qwen2_5_vl", "qwen3_vl")}
+    return _TinyModels()
 
 
 @pytest.fixture(scope="session")
@@ -209,7 +219,7 @@ def pipeline_params(model_dir: Path, family_name: str, **trainer):
     )
 
 
-@pytest.fixture(scope="session", params=["qwen2_5_vl", "qwen3_vl"])
+@pytest.fixture(scope="session", params=FAMILIES)
 def packed_project(request, tiny_models, demo_dir, tmp_path_factory):
     """A project root with validate, decode, tokenize and pack done on the demo data for one family."""
     from stages.decode import run as decode

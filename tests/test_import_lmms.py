@@ -65,6 +65,17 @@ def test_unsupported_values_are_dropped_with_reason(tmp_path):
     assert report.params["trainer_args"]["learning_rate"] == pytest.approx(2e-5)
 
 
+@pytest.mark.parametrize("processor_type", ["qwen2_vl", "qwen3_vl_moe"])
+def test_every_family_processor_type_carries_over(tmp_path, processor_type):
+    processor = {"processor_name": "/models/x", "processor_type": processor_type}
+    cfg = {"trainer_type": "fsdp2_trainer", "dataset_config": {"processor_config": processor}, "trainer_args": {}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    report = import_lmms(path)
+    assert report.params["dataset_config"]["processor_config"]["processor_type"] == processor_type
+    assert not report.unmapped
+
+
 def test_eval_keys_map_and_best_model_keys_are_explained(tmp_path):
     """HF's evaluation keys carry over; metric_for_best_model is explained (the best is by eval loss here); a
     load_best_model_at_end whose saves are not all evaluations is refused with the reason."""

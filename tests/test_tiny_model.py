@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
+from stages.families import family as family_of
 from stages.tokenizer_build import SPECIAL_TOKENS
-from tests.conftest import processor_of
+from tests.conftest import FAMILIES, MORE_FAMILIES, processor_of
 
-MODEL_CLASSES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration}
 CHAT = [
     {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
     {
@@ -22,7 +21,7 @@ CHAT = [
 ]
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", FAMILIES + MORE_FAMILIES)
 def test_tokenizer_known_ids(tiny_models, family):
     tok = processor_of(tiny_models[family]).tokenizer
     assert tok("Hello world").input_ids == [9707, 1879]
@@ -61,12 +60,13 @@ def test_qwen3_vl_chat_template_rendering(tiny_models):
     assert not processor.apply_chat_template(CHAT[1:], tokenize=False).startswith("<|im_start|>system")
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", FAMILIES + MORE_FAMILIES)
 def test_model_loads_offline_and_runs(tiny_models, family, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model = MODEL_CLASSES[family].from_pretrained(tiny_models[family])
+    fam = family_of(family)
+    model = fam.transformers_class(fam.model_class).from_pretrained(tiny_models[family])
     processor = processor_of(tiny_models[family])
-    assert type(processor).__name__ == {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}[family]
+    assert type(model).__name__ == fam.model_class and type(processor).__name__ == fam.processor_class
     image = torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8)
     image_only = [CHAT[0], {"role": "user", "content": CHAT[1]["content"][:1] + CHAT[1]["content"][2:]}]
     text = processor.apply_chat_template(image_only, tokenize=False)

@@ -39,6 +39,7 @@ class Row:
     pack_ids: list[int]
     vision: dict = field(default_factory=dict)  # pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
     is_dummy: bool = False  # an idle rank's label-free copy of a pack
+    sample_tokens: int = 0  # the first tokens, those of real samples (the dummy vision segments follow them)
 
     @property
     def tokens(self) -> int:
@@ -183,6 +184,7 @@ class RowBuilder:
                 pos_parts.append(torch.arange(len(input_ids)).expand(4, 1, -1))
             media.append(s)
         vision = self.vision_inputs(media, lambda: self.samples.ids(rows))
+        sample_tokens = sum(len(p) for p in ids_parts)
         for kind in ("image", "video"):
             if f"{kind}_grid_thw" not in vision:
                 segment = self.dummies[kind]
@@ -201,6 +203,7 @@ class RowBuilder:
             list(pack_ids),
             vision,
             dummy,
+            sample_tokens,
         )
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from stages.train.attention import PackedSegments
 from stages.train.data import IGNORE, Row
 from stages.train.kernels import Kernels, LinearCrossEntropy
+from stages.train.router import RouterBalance
 from stages.train.sequence_parallel import SequenceParallel, pad_row
 
 
@@ -35,6 +36,7 @@ class RowLoss:
     keep: torch.Tensor
     targets: torch.Tensor
     linear_cross_entropy: LinearCrossEntropy
+    router: RouterBalance | None = None  # MoE: also the row's load-balancing loss
 
     def __call__(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         kept = hidden[0, self.keep]
@@ -44,10 +46,20 @@ class RowLoss:
 
 
 def _forward(self, *args, row_loss: RowLoss | None = None, **kwargs):
-    """The model's own forward, or, given ``row_loss``, the base model's hidden states scored by it."""
+    """The model's own forward, or, given ``row_loss``, the base model's hidden states scored by it (with a router:
+    a tuple of that and the load-balancing loss of the router logits the base model recorded)."""
     if row_loss is None:
         return type(self).forward(self, *args, **kwargs)
-    return row_loss(self.model(*args, **kwargs)[0], self.lm_head.weight)
+    if row_loss.router is None:
+        return row_loss(self.model(*args, **kwargs)[0], self.lm_head.weight)
+    out = self.model(*args, output_router_logits=True, **kwargs)
+    return row_loss(out[0], self.lm_head.weight), row_loss.router(out.router_logits)
+
+
+@dataclass
+class RowLosses:
+    cross_entropy: torch.Tensor  # summed over this rank's label tokens of the row
+    router_balance: torch.Tensor | None  # MoE: the row's load-balancing loss (the same on every rank of an SP group)
 
 
 def install_loss_forward(model) -> None:
@@ -76,6 +88,20 @@ def row_loss_sum(
 ) -> torch.Tensor:
     """The summed loss over this rank's label tokens of ``row``. ``liger``: the `Kernels` apply_liger returned
     (its linear cross-entropy), or a false value for the plain one."""
+    return row_losses(model, row, device, sp, liger, pad_id).cross_entropy
+
+
+def row_losses(
+    model,
+    row: Row,
+    device: torch.device,
+    sp: SequenceParallel | None = None,
+    liger: Kernels | bool | None = None,
+    pad_id: int = 0,
+    router: bool = False,
+) -> RowLosses:
+    """`row_loss_sum`'s cross-entropy and, with ``router`` (a mixture-of-experts model), the row's router
+    load-balancing loss (stages/train/router.py)."""
     if liger and not isinstance(liger, Kernels):
         raise TypeError(f"liger must be the Kernels apply_liger returned, not {liger!r}")
     install_loss_forward(model)
@@ -84,12 +110,17 @@ def row_loss_sum(
     start, end = sp.bounds(row.tokens) if sp is not None else (0, row.tokens)
     targets = row.targets[0, start:end]
     keep = (targets != IGNORE).nonzero().flatten()
+    balance = None
+    if router:
+        text_config = model.config.get_text_config()
+        balance = RouterBalance.for_row(text_config, row.sample_tokens, start, end, device, sp)
     loss = RowLoss(
         keep.to(device),
         targets[keep].to(device),
         liger.linear_cross_entropy if liger else plain_linear_cross_entropy,
+        balance,
     )
-    return model(
+    out = model(
         input_ids=row.input_ids.to(device, non_blocking=True),  # rows arrive pinned on CUDA (PrefetchLoader)
         position_ids=row.position_ids.to(device, non_blocking=True),
         use_cache=False,
@@ -97,3 +128,4 @@ def row_loss_sum(
         row_loss=loss,
         **{k: v.to(device, non_blocking=True) for k, v in row.vision.items()},
     )
+    return RowLosses(*out) if router else RowLosses(out, None)

@@ -41,6 +41,10 @@ class Layout:
     dp_rank: int
     sp: SequenceParallel | None  # None when sp_degree is 1
 
+    @property
+    def sp_size(self) -> int:
+        return self.sp.size if self.sp is not None else 1
+
 
 def check_degree(degree: int, world: int, text_config) -> None:
     """Refuse, before any work, a degree the world size or the attention heads cannot be split by."""

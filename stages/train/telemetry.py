@@ -42,15 +42,18 @@ PEAK_BF16 = (
 
 
 def parameter_counts(model, vision_prefix: str) -> dict[str, int]:
-    """Parameters by role: ``lm`` (non-embedding language model), ``head`` (lm_head), ``vision`` (tower)."""
+    """Parameters by role: ``lm`` (non-embedding language model; of a mixture of experts, the share a token uses:
+    num_experts_per_tok of num_experts), ``head`` (lm_head), ``vision`` (tower)."""
     counts = {"lm": 0, "head": 0, "vision": 0}
     head = model.get_output_embeddings()
     counts["head"] = head.weight.numel()
+    text = model.config.get_text_config()
+    active = getattr(text, "num_experts_per_tok", 1) / getattr(text, "num_experts", 1)
     for name, p in model.named_parameters():
         if name.startswith(vision_prefix):
             counts["vision"] += p.numel()
         elif "embed_tokens" not in name and not name.startswith("lm_head"):
-            counts["lm"] += p.numel()
+            counts["lm"] += round(p.numel() * active) if ".mlp.experts." in name else p.numel()
     return counts
 
 
@@ -94,6 +97,7 @@ def summarize(history: list[dict]) -> dict:
         # and as the positional layout would have been (1.0: balanced; see stages/train/balance.py)
         "straggler_ratio": sum(h["straggler"] for h in history) / len(history),
         "straggler_ratio_in_order": sum(h["straggler_in_order"] for h in history) / len(history),
+        **({"router_balance_loss": history[-1]["router_balance"]} if "router_balance" in history[-1] else {}),
         **eval_summary(history),
     }
 

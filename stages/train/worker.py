@@ -30,12 +30,13 @@ from stages.train.balance import pack_costs, straggler_ratio
 from stages.train.data import LoaderState, PrefetchLoader, RowBuilder, epoch_order, micro_batches, step_assignment
 from stages.train.distributed import init_distributed
 from stages.train.evaluation import eval_due, eval_loss, eval_plan
-from stages.train.forward import row_loss_sum
+from stages.train.forward import row_losses
 from stages.train.liger import apply_liger
 from stages.train.loading import materialize
 from stages.train.model import build_model, choose_attention, freeze, trainable_summary, wrap_fsdp2
 from stages.train.optim import build_optimizer, build_scheduler
 from stages.train.reporters import Reporters
+from stages.train.router import balance_weight
 from stages.train.samples import EVAL_PACKS, PACKS
 from stages.train.sequence_parallel import build_layout, check_degree, shard_text_model_inputs
 from stages.train.telemetry import parameter_counts, peak_flops, speed, step_flops, summarize, write_outputs
@@ -77,6 +78,13 @@ def train(params_path: str) -> None:
     for line in trainable_summary(model, fam):
         log(f"  {line}")
     counts = parameter_counts(model, fam.vision_tower_prefix)
+    text_config = model.config.get_text_config()
+    router_weight = balance_weight(fam.moe, params.model_config_.router_aux_loss_coef, text_config)
+    if fam.moe:
+        log(
+            f"mixture of experts: {text_config.num_experts} experts, {text_config.num_experts_per_tok} per token; "
+            f"router load-balancing loss weight {router_weight:g}"
+        )
     wrap_fsdp2(model, params, fam, mixed_precision=args.bf16 and device.type == "cuda")
     started = time.perf_counter()
     materialize(model, fam.transformers_class(fam.model_class), params.model_config_.load_from_pretrained_path, device)
@@ -149,22 +157,31 @@ def train(params_path: str) -> None:
             # Counters live on the training device (NCCL takes no CPU tensor); the host reads them once per step.
             totals = step_counters(micro, counts, model.config.text_config, device) * float(leads_sp_group)
             dist.all_reduce(totals)
-            label_tokens = totals[0].clamp(min=1)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            label_tokens, real_rows = totals[0].clamp(min=1), totals[4].clamp(min=1)
+            sums = torch.zeros(2, dtype=torch.float64, device=device)  # cross-entropy, balance loss
             for i, row in enumerate(micro):
                 model.set_requires_gradient_sync(i == len(micro) - 1)  # reduce-scatter once, after the last
-                row_loss = row_loss_sum(model, row, device, sp, liger, pad_id)
+                parts = row_losses(model, row, device, sp, liger, pad_id, router=router_weight > 0)
                 # FSDP averages gradients over ranks: scale by world so the result is sum / global label tokens.
-                (row_loss * (world / label_tokens)).backward()
-                loss_sum += row_loss.detach().double()
-            dist.all_reduce(loss_sum)
+                objective = parts.cross_entropy * (world / label_tokens)
+                if parts.router_balance is not None:  # MoE: + weight x the mean balance loss of the step's rows
+                    counted = not row.is_dummy  # (every rank of an SP group holds the row's whole balance loss)
+                    share = router_weight * world / (real_rows * layout.sp_size) if counted else 0.0
+                    objective = objective + parts.router_balance * share
+                    sums[1] += parts.router_balance.detach().double() * float(counted and leads_sp_group)
+                objective.backward()
+                sums[0] += parts.cross_entropy.detach().double()
+            dist.all_reduce(sums)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_total, label_count, tokens, lm_flops, vis_flops = torch.cat([loss_sum.view(1), totals]).tolist()
-            loss = loss_total / max(label_count, 1)
+            loss_total, balance_total, label_count, tokens, lm_flops, vis_flops, row_count = torch.cat(
+                [sums, totals]
+            ).tolist()
+            router_balance = balance_total / max(row_count, 1)
+            loss = loss_total / max(label_count, 1) + router_weight * router_balance
             if not math.isfinite(loss):
                 packs = [r.pack_ids for r in micro]
                 raise PipelineError(
@@ -188,6 +205,7 @@ def train(params_path: str) -> None:
                     "vision_flops": vis_flops,
                     "straggler": straggler_ratio(assignments[s], cost),
                     "straggler_in_order": straggler_ratio(layout_of(s, cost=None), cost),
+                    **({"router_balance": router_balance} if router_weight > 0 else {}),
                 }
             )
             reporters.log(
@@ -196,6 +214,7 @@ def train(params_path: str) -> None:
                     "train/lr": lr,
                     "train/tokens_per_s": tokens / seconds[step],
                     "train/label_tokens": label_count,
+                    **({"train/router_balance_loss": router_balance} if router_weight > 0 else {}),
                 },
                 step,
             )
@@ -253,12 +272,13 @@ def train(params_path: str) -> None:
 
 
 def step_counters(micro: list, counts: dict[str, int], text_config, device: torch.device) -> torch.Tensor:
-    """(label tokens, tokens, LM FLOPs, vision FLOPs) of this rank's micro-batches, from host-side row metadata."""
+    """(label tokens, tokens, LM FLOPs, vision FLOPs, rows of real packs) of this rank's micro-batches, from
+    host-side row metadata."""
     seqs = [n for r in micro for n in r.seq_lengths()]
     patches = sum(int(g.prod(-1).sum()) for r in micro for k, g in r.vision.items() if k.endswith("grid_thw"))
     label_tokens = sum(r.label_tokens for r in micro)
     flops = step_flops(counts, text_config, seqs, label_tokens, patches)
-    values = [label_tokens, sum(r.tokens for r in micro), *flops]
+    values = [label_tokens, sum(r.tokens for r in micro), *flops, sum(not r.is_dummy for r in micro)]
     return torch.tensor(values, dtype=torch.float64, device=device)
 
 

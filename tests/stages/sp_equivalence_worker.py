@@ -1,5 +1,6 @@
 """Started by torchrun from test_sequence_parallel.py: the loss and gradients of one packed row (images and
-videos, a shard boundary inside a run of vision tokens) with Ulysses SP over all ranks vs no SP, as JSON."""
+videos, a shard boundary inside a run of vision tokens) with Ulysses SP over all ranks vs no SP, as JSON. For a
+mixture-of-experts model the loss includes the row's router balance loss (weight 1, so its gradients count)."""
 
 import json
 import sys
@@ -14,7 +15,7 @@ from stages.families import family
 from stages.tokenize.vision import VisionArgs
 from stages.train.attention import ATTENTION_NAME
 from stages.train.data import RowBuilder
-from stages.train.forward import row_loss_sum
+from stages.train.forward import row_losses
 from stages.train.sequence_parallel import build_layout, pad_row, shard_text_model_inputs
 
 CPU = torch.device("cpu")
@@ -38,9 +39,13 @@ def pick_row(builder, degree: int):
     raise SystemExit("no pack combination has images, videos and a shard boundary inside vision tokens")
 
 
-def loss_and_grads(model, row, sp) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_and_grads(model, row, sp, router: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy (this rank's labels) + the balance loss (held whole by every SP rank: 1/degree each)."""
     model.zero_grad(set_to_none=True)
-    loss = row_loss_sum(model, row, CPU, sp)
+    parts = row_losses(model, row, CPU, sp, router=router)
+    loss = parts.cross_entropy
+    if parts.router_balance is not None:
+        loss = loss + parts.router_balance / (sp.size if sp is not None else 1)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -60,10 +65,10 @@ def main(params_path: str, out: str) -> None:
     degree = dist.get_world_size()
     row = pick_row(builder, degree)
 
-    reference_loss, reference_grads = loss_and_grads(model, row, None)
+    reference_loss, reference_grads = loss_and_grads(model, row, None, fam.moe)
     sp = build_layout(degree).sp
     shard_text_model_inputs(model.get_submodule(fam.text_model_prefix), sp)
-    loss, grads = loss_and_grads(model, row, sp)
+    loss, grads = loss_and_grads(model, row, sp, fam.moe)
     dist.all_reduce(loss)  # each rank scored its own shard's labels
     for name in sorted(reference_grads):
         grad = grads.get(name, torch.zeros_like(reference_grads[name]))
