@@ -26,6 +26,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 REPO = Path(__file__).resolve().parent.parent
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # every test runs for these
 MORE_FAMILIES = ("qwen2_vl", "qwen3_vl_moe")  # the issue-17 tests: processor, packed loss, train/resume/SP/export
+# As parameters of otherwise fast tests: in the slow tier (each builds its own project), out of the fast one
+MORE_FAMILIES_SLOW = tuple(pytest.param(f, marks=pytest.mark.slow) for f in MORE_FAMILIES)
 TIERS = ("unit", "model", "slow", "gpu")
 MODEL_FIXTURES = {"tiny_models", "packed_project"}  # a test that uses one of these loads a model
 # Files owned elsewhere that cannot carry a module mark: their tier by path.

@@ -14,7 +14,7 @@ from stages.decode.shards import FrameStore
 from stages.tokenize import run as tokenize
 from stages.tokenize.vision import VisionArgs
 from stages.validate import run as validate
-from tests.conftest import FAMILIES, MORE_FAMILIES, pipeline_params, processor_of
+from tests.conftest import FAMILIES, MORE_FAMILIES_SLOW, pipeline_params, processor_of
 
 
 def text(t: str) -> dict:
@@ -59,7 +59,7 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.fixture(scope="module", params=FAMILIES + MORE_FAMILIES)
+@pytest.fixture(scope="module", params=FAMILIES + MORE_FAMILIES_SLOW)
 def templated(request, tiny_models, demo_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"template-{request.param}")
     shutil.copytree(demo_dir, root / "data/demo")

@@ -12,7 +12,7 @@ from schemas.errors import PipelineError, StageInputError
 from stages.decode.shards import FrameStore
 from stages.tokenize import run as tokenize
 from stages.tokenize.vision import VisionArgs
-from tests.conftest import FAMILIES, MORE_FAMILIES, pipeline_params, processor_of
+from tests.conftest import FAMILIES, MORE_FAMILIES_SLOW, pipeline_params, processor_of
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def test_counts_reconcile_with_validate_and_decode(tokenized_project):
     assert all("> packing_length 1024" in r["detail"] for r in rejects if r["reason"] == "overlong")
 
 
-@pytest.mark.parametrize("packed_project", FAMILIES + MORE_FAMILIES, indirect=True)
+@pytest.mark.parametrize("packed_project", FAMILIES + MORE_FAMILIES_SLOW, indirect=True)
 def test_ids_and_grids_equal_the_real_processor(tokenized_project):
     root, params, _, _ = tokenized_project
     processor = processor_of(params.dataset_config.processor_config.processor_name)

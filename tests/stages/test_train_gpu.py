@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from stages.train import free_port
 from stages.train.attention import ATTENTION_NAME, kernel_name
-from tests.conftest import REPO
+from tests.conftest import FAMILIES, MORE_FAMILIES, REPO
 from tests.stages import gpu_equivalence_worker as eq
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -80,7 +80,7 @@ def test_varlen_kernel_is_chosen_on_cuda():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("family_name", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family_name", FAMILIES + MORE_FAMILIES)
 def test_trainer_bf16_path_matches_fp32_reference_on_cuda(tiny_models, family_name, tmp_path):
     out = tmp_path / "gpu-equivalence.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}

@@ -16,7 +16,7 @@ from stages.train.data import RowBuilder, micro_batches, step_assignment
 from stages.train.forward import row_loss_sum
 from stages.train.model import freeze, trainable_summary
 from stages.train.optim import build_optimizer
-from tests.conftest import FAMILIES, MORE_FAMILIES, pipeline_params, processor_of
+from tests.conftest import FAMILIES, MORE_FAMILIES_SLOW, pipeline_params, processor_of
 
 
 def load(project, attention="sdpa"):
@@ -57,7 +57,7 @@ def reference_inputs(builder, sample_id: str) -> dict:
     return inputs
 
 
-@pytest.mark.parametrize("packed_project", FAMILIES + MORE_FAMILIES, indirect=True)
+@pytest.mark.parametrize("packed_project", FAMILIES + MORE_FAMILIES_SLOW, indirect=True)
 @pytest.mark.parametrize("attention", ["sdpa", ATTENTION_NAME])
 def test_packed_loss_equals_plain_transformers_with_labels(packed_project, attention):
     """The test that catches attention, rope or labels leaking across packed samples, against a reference no code
