@@ -3,7 +3,8 @@ under one folder.
 
 1. the GPU tests (tests/stages/test_train_gpu.py: the gpu-marked tests, and the CPU test of their tolerance;
    the smoke runs the gpu-marked ones only, which skip without CUDA);
-2. `qvl train` of the demo on one GPU through torchrun (validate -> decode -> tokenize -> pack first);
+2. `qvl train` of the demo on one GPU through torchrun (validate -> decode -> tokenize -> pack first; in-loop
+   eval on the held-out packs), then `qvl evaluate` on the GPU (bf16 eval loss, greedy generations);
 3. the training benchmark (benchmarks/train_gpu.py) for the Qwen2.5-VL-3B architecture at 16k packs.
 
 Each step has a time limit sized so the whole check takes at most 8 minutes on one H100/H200; a step that fails
@@ -86,7 +87,7 @@ def demo_train(out: Path, limit: float, smoke: bool) -> dict:
         commands = {
             "demo": ["demo", "data/demo"],
             "make-tiny-model": ["make-tiny-model", "--family", family_name, model],
-            **{stage: [stage] for stage in ("validate", "decode", "tokenize", "pack", "train")},
+            **{stage: [stage] for stage in ("validate", "decode", "tokenize", "pack", "train", "evaluate")},
         }
         for name, command in commands.items():
             left = limit - (time.monotonic() - started)
@@ -94,7 +95,7 @@ def demo_train(out: Path, limit: float, smoke: bool) -> dict:
             steps.append({"stage": name, **step})
             if step["returncode"] != 0:
                 break
-        found = {name: root / "metrics" / f"{name}.json" for name in ("train", "train_speed")}
+        found = {name: root / "metrics" / f"{name}.json" for name in ("train", "train_speed", "evaluate")}
         found = {name: json.loads(path.read_text()) for name, path in found.items() if path.is_file()}
         (out / "demo_train_metrics.json").write_text(json.dumps(found, indent=2))  # the losses, and the speed
     ok = all(s["returncode"] == 0 for s in steps) and len(steps) == len(commands)

@@ -85,6 +85,7 @@ def test_gpu_check_smoke_writes_every_result(tmp_path):
     assert summary["demo_train"]["metrics"]["train"]["steps"] == 2
     demo = json.loads((out / "demo_train_metrics.json").read_text())
     assert demo["train"]["final_loss"] > 0 and demo["train_speed"]["tokens_per_s"] > 0
+    assert demo["evaluate"]["eval_loss"] == pytest.approx(demo["train"]["eval_loss"], rel=1e-5)  # the step-2 export
     result = json.loads((out / "train_gpu.json").read_text())
     for key in ("device", "date", "torch", "transformers", "attention_kernel", "model", "packing_length"):
         assert result[key] is not None, key

