@@ -62,9 +62,9 @@ def model_dir(params: Params, root: Path, checkpoint: str | None) -> Path:
 
 def trained_step(path: Path) -> int | None:
     """The step of a checkpoint's or this project's export's weights (None for another from_pretrained dir)."""
-    for name, key in ((STATE_FILE, "step"), (EXPORT_FILE, "step")):
+    for name in (STATE_FILE, EXPORT_FILE):
         if (path / name).is_file():
-            return int(json.loads((path / name).read_text())[key])
+            return int(json.loads((path / name).read_text())["step"])
     return None
 
 
@@ -141,7 +141,7 @@ def answer(model, builder: RowBuilder, sample_ids: list[str], device: torch.devi
     try:
         rows = []
         for prompt in chosen:
-            new = generate(model, builder, prompt, device, params.evaluate.max_new_tokens)
+            new = generate(model, builder, prompt, device, params.evaluate.max_new_tokens, ends)
             rows.append(
                 {
                     "sample_id": prompt.sample_id,

@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -92,15 +91,16 @@ def answer_text(tokenizer, ids: list[int], ends: list[int]) -> str:
     return text.strip() or (repr(text) if text else "")
 
 
-def generate(model, builder: RowBuilder, prompt: Prompt, device: torch.device, max_new_tokens: int) -> list[int]:
-    """Greedy generation from ``prompt``: the new token ids (ending with an end token when one was reached)."""
-    tokenizer = builder.processor.tokenizer
+def generate(
+    model, builder: RowBuilder, prompt: Prompt, device: torch.device, max_new_tokens: int, ends: list[int]
+) -> list[int]:
+    """Greedy generation from ``prompt`` until one of ``ends`` (`end_ids`): the new token ids."""
     out = model.generate(
         **generation_inputs(model, builder, prompt, device),
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        eos_token_id=end_ids(model, tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=ends,
+        pad_token_id=builder.processor.tokenizer.pad_token_id,
     )
     return out[0, prompt.input_ids.shape[1] :].tolist()
 
@@ -108,8 +108,8 @@ def generate(model, builder: RowBuilder, prompt: Prompt, device: torch.device, m
 def prompt_texts(root, sample_ids: list[str]) -> dict[str, str]:
     """Each sample's last user message as a person reads it: its text parts, with <image> / <video> where the
     media were (from validate's normal form of the messages)."""
-    table = pq.read_table(root / VALIDATED, columns=["sample_id", "messages"])
-    table = table.filter(pc.is_in(table.column("sample_id"), value_set=pc.cast(sample_ids, table.schema[0].type)))
+    wanted = [("sample_id", "in", sample_ids)]  # read only the row groups that can hold them
+    table = pq.read_table(root / VALIDATED, columns=["sample_id", "messages"], filters=wanted)
     texts = {}
     for sample_id, messages in zip(*(table.column(c).to_pylist() for c in ("sample_id", "messages")), strict=True):
         users = [m for m in json.loads(messages) if m.get("role") == "user"]

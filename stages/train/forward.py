@@ -78,17 +78,10 @@ def remove_loss_forward(model) -> None:
         del model.forward
 
 
-def row_loss_sum(
-    model,
-    row: Row,
-    device: torch.device,
-    sp: SequenceParallel | None = None,
-    liger: Kernels | bool | None = None,
-    pad_id: int = 0,
-) -> torch.Tensor:
-    """The summed loss over this rank's label tokens of ``row``. ``liger``: the `Kernels` apply_liger returned
-    (its linear cross-entropy), or a false value for the plain one."""
-    return row_losses(model, row, device, sp, liger, pad_id).cross_entropy
+def row_loss_sum(*args, **kwargs) -> torch.Tensor:
+    """The summed cross-entropy over this rank's label tokens of the row: `row_losses` (same arguments, no
+    router) without the balance loss."""
+    return row_losses(*args, **kwargs).cross_entropy
 
 
 def row_losses(
@@ -100,8 +93,9 @@ def row_losses(
     pad_id: int = 0,
     router: bool = False,
 ) -> RowLosses:
-    """`row_loss_sum`'s cross-entropy and, with ``router`` (a mixture-of-experts model), the row's router
-    load-balancing loss (stages/train/router.py)."""
+    """The cross-entropy summed over this rank's label tokens of ``row`` and, with ``router`` (a mixture-of-experts
+    model), the row's router load-balancing loss (stages/train/router.py). ``liger``: the `Kernels` apply_liger
+    returned (its linear cross-entropy), or a false value for the plain one."""
     if liger and not isinstance(liger, Kernels):
         raise TypeError(f"liger must be the Kernels apply_liger returned, not {liger!r}")
     install_loss_forward(model)
