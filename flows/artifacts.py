@@ -27,16 +27,22 @@ def validation_table(root: Path) -> None:
     )
 
 
-def packing_summary(root: Path) -> None:
+def packing_markdown(root: Path) -> tuple[str, str]:
+    """(markdown, description) of metrics/pack.json: efficiency, cost balance and the straggler ratio."""
     m = json.loads((root / "metrics/pack.json").read_text())
-    create_markdown_artifact(
-        key="packing-efficiency",
-        markdown=(
-            f"## Packing\n\n| strategy | capacity | samples | packs | efficiency |\n|---|---|---|---|---|\n"
-            f"| {m['strategy']} | {m['capacity']} | {m['samples']} | {m['packs']} | {m['efficiency']:.4f} |\n"
-        ),
-        description=f"packing efficiency {m['efficiency']:.4f}",
+    markdown = (
+        "## Packing\n\n| strategy | capacity | samples | packs | efficiency | cost balance | dearest pack / mean "
+        f"| straggler ratio ({m['straggler_world']} ranks; packed by tokens) |\n|---|---|---|---|---|---|---|---|\n"
+        f"| {m['strategy']} | {m['capacity']} | {m['samples']} | {m['packs']} | {m['efficiency']:.4f} "
+        f"| {'on' if m['cost_balance'] else 'off'} | {m['cost_max_over_mean']:.3f} "
+        f"| {m['straggler_ratio']:.3f} ({m['straggler_ratio_token_packing']:.3f}) |\n"
     )
+    return markdown, f"packing efficiency {m['efficiency']:.4f}, straggler ratio {m['straggler_ratio']:.3f}"
+
+
+def packing_summary(root: Path) -> None:
+    markdown, description = packing_markdown(root)
+    create_markdown_artifact(key="packing-efficiency", markdown=markdown, description=description)
 
 
 MAX_TABLE_ROWS = 20

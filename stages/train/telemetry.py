@@ -57,6 +57,20 @@ def parameter_counts(model, vision_prefix: str) -> dict[str, int]:
     return counts
 
 
+def architecture_counts(model_dir: Path, processor_type: str) -> tuple[dict[str, int], object]:
+    """(parameter_counts, text config) of the model at ``model_dir`` from its config.json alone: the architecture
+    built on the meta device (no weights read, no memory), so a CPU stage can price work as the trainer will."""
+    from transformers import AutoConfig
+
+    from stages.families import family
+
+    fam = family(processor_type)
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = fam.transformers_class(fam.model_class)._from_config(config)
+    return parameter_counts(model, fam.vision_tower_prefix), config.get_text_config()
+
+
 def flops(counts: dict[str, int], text_config, tokens, attention_sq, label_positions, vision_patches):
     """(language-model FLOPs, vision FLOPs) of one step's work (see the module docstring): ``attention_sq`` is the
     sum of the squared packed sample lengths. Scalars or numpy arrays (one entry per pack) alike."""

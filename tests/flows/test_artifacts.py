@@ -7,7 +7,7 @@ import re
 
 import yaml
 
-from flows.artifacts import GENERATION_COLUMNS, checkpoint_markdown, generations, loss_markdown
+from flows.artifacts import GENERATION_COLUMNS, checkpoint_markdown, generations, loss_markdown, packing_markdown
 from stages.train.plot import loss_svg
 from stages.train.telemetry import write_outputs
 
@@ -110,3 +110,15 @@ def test_generations_artifact_is_the_evaluate_stages_table(tmp_path):
     (tmp_path / "metrics/evaluate.json").write_text(json.dumps(evaluated | {"eval_loss": None, "step": None}))
     table, description = generations(tmp_path)
     assert table == [dict.fromkeys(GENERATION_COLUMNS, "")] and "no held-out samples" in description
+
+
+def test_packing_artifact_shows_the_cost_balance_and_both_straggler_ratios(tmp_path):
+    (tmp_path / "metrics").mkdir()
+    m = {"strategy": "first_fit", "capacity": 1024, "samples": 40, "packs": 9, "efficiency": 0.871234}
+    m |= {"cost_balance": True, "cost_max_over_mean": 1.01234, "straggler_world": 2}
+    m |= {"straggler_ratio": 1.004321, "straggler_ratio_token_packing": 1.123456}
+    (tmp_path / "metrics/pack.json").write_text(json.dumps(m))
+    markdown, description = packing_markdown(tmp_path)
+    assert "| straggler ratio (2 ranks; packed by tokens) |" in markdown.splitlines()[2]
+    assert markdown.splitlines()[-1] == "| first_fit | 1024 | 40 | 9 | 0.8712 | on | 1.012 | 1.004 (1.123) |"
+    assert description == "packing efficiency 0.8712, straggler ratio 1.004"

@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 
 from schemas.errors import PipelineError, StageInputError
 from schemas.params import parse_params
+from stages.families import family
 from stages.pack import pack_lengths
 from stages.pack import run as pack
 from stages.pack.algorithms import STRATEGIES
+from stages.tiny_model import build_config
 from tests.conftest import fill_disk
 
 lengths_and_capacity = st.integers(1, 300).flatmap(
@@ -104,9 +106,11 @@ def sample_videos(i: int) -> list[list[int]]:
     return [[2, 4, 6]] if i % 5 == 0 else []
 
 
-def write_tokenized(root, lengths, eval_ids=()):
+def write_tokenized(root, lengths, eval_ids=(), label_tokens=None):
     """samples.parquet with the columns pack reads: sample i has i % 3 images and, every fifth, a video; and
-    validate's samples.parquet with the split of each (``eval_ids`` held out), the column pack reads there."""
+    validate's samples.parquet with the split of each (``eval_ids`` held out), the column pack reads there; and the
+    default model's config.json, which pack prices samples by."""
+    build_config(family("qwen2_5_vl")).save_pretrained(root / "models/tiny-qwen2_5_vl")
     (root / "data/tokenized").mkdir(parents=True)
     (root / "data/validated").mkdir(parents=True)
     ids = [f"s{i:04d}" for i in range(len(lengths))]
@@ -117,7 +121,7 @@ def write_tokenized(root, lengths, eval_ids=()):
         {
             "sample_id": ids,
             "length": pa.array(lengths, pa.int32()),
-            "label_tokens": pa.array([n // 3 for n in lengths], pa.int32()),
+            "label_tokens": pa.array(label_tokens or [n // 3 for n in lengths], pa.int32()),
             "image_grid_thw": pa.array([sample_images(i) for i in range(len(lengths))], grids),
             "video_grid_thw": pa.array([sample_videos(i) for i in range(len(lengths))], grids),
         }
@@ -242,3 +246,32 @@ def test_read_only_disk_is_one_clear_error(small_fs):
     with pytest.raises(PipelineError, match=r"no permission to write .*data/packed \(Read-only file system\)"):
         pack(parse_params({"dataset_config": {"packing_length": 1024}}), small_fs)
     assert sorted(p.name for p in (small_fs / "data").iterdir()) == ["tokenized", "validated"]
+
+
+def test_first_fit_packs_are_cost_balanced_and_the_straggler_ratio_is_reported(tmp_path):
+    """With first_fit, pack exchanges samples until the packs' FLOPs (priced as the trainer prices them, from the
+    packs' columns) agree: the same samples, within capacity; metrics/pack.json reports the straggler ratio of the
+    trainer's layout before and after, and `packing_cost_balance: false` packs by tokens alone."""
+    from stages.train.balance import pack_costs
+    from stages.train.telemetry import architecture_counts
+
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(5, 200, 600)
+    labels = np.where(rng.random(600) < 0.3, lengths, lengths // 10)  # the tiny model's cost is mostly lm_head's
+    ids = write_tokenized(tmp_path, lengths.tolist(), label_tokens=labels.tolist())
+    counts, text_config = architecture_counts(tmp_path / "models/tiny-qwen2_5_vl", "qwen2_5_vl")
+    metrics, spread = {}, {}
+    for balance in (False, True):
+        params = {"packing_length": 1024, "packing_strategy": "first_fit", "packing_cost_balance": balance}
+        pack(parse_params({"dataset_config": params, "trainer_args": {"nproc_per_node": 4}}), tmp_path)
+        packs = pq.read_table(tmp_path / "data/packed/packs.parquet").to_pylist()
+        assert sorted(s for p in packs for s in p["sample_ids"]) == ids and max(p["total"] for p in packs) <= 1024
+        cost = np.array(list(pack_costs(tmp_path / "data/packed/packs.parquet", counts, text_config).values()))
+        metrics[balance] = json.loads((tmp_path / "metrics/pack.json").read_text())
+        spread[balance] = cost.max() / cost.mean()
+        assert metrics[balance]["cost_max_over_mean"] == pytest.approx(spread[balance], rel=1e-5)
+        assert metrics[balance]["straggler_world"] == 4 and metrics[balance]["cost_balance"] is balance
+    assert spread[True] - 1 < (spread[False] - 1) / 4  # measured 1.17 against 1.95
+    assert metrics[True]["packs"] == metrics[False]["packs"]
+    assert metrics[True]["straggler_ratio_token_packing"] == metrics[False]["straggler_ratio"]
+    assert metrics[True]["straggler_ratio"] < 1.05 < 1.3 < metrics[False]["straggler_ratio"]  # 1.045 and 1.41
