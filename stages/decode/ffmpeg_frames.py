@@ -85,9 +85,16 @@ def resize_like_qwen(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     from torchvision.transforms import functional as tvf
 
     video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
-    if video.shape[-2:] != (height, width):  # on uint8, as fetch_video calls it (the result stays uint8)
-        video = tvf.resize(video, [height, width], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    return video.permute(0, 2, 3, 1).contiguous().numpy()
+    if video.shape[-2:] == (height, width):
+        return np.ascontiguousarray(frames)
+    out = np.empty((len(frames), height, width, 3), np.uint8)
+    # On uint8, as fetch_video calls it (the result stays uint8), one frame at a time: the same pixels as the whole
+    # clip in one call (each frame is resized alone either way), 1.8x faster, since the float copy torchvision
+    # makes of one frame stays in cache (measured: 9 vs 16 ms a 640x360 frame to 644x364, one thread).
+    for i in range(len(frames)):
+        one = tvf.resize(video[i : i + 1], [height, width], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        out[i] = one[0].permute(1, 2, 0).numpy()
+    return out
 
 
 def decode_planned(
