@@ -84,9 +84,9 @@ def resize_like_qwen(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as tvf
 
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
-    if video.shape[-2:] == (height, width):
+    if frames.shape[1:3] == (height, width):
         return np.ascontiguousarray(frames)
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
     out = np.empty((len(frames), height, width, 3), np.uint8)
     # On uint8, as fetch_video calls it (the result stays uint8), one frame at a time: the same pixels as the whole
     # clip in one call (each frame is resized alone either way), 1.8x faster, since the float copy torchvision

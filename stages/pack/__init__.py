@@ -26,7 +26,6 @@ from schemas.tables import PACKS_SCHEMA
 from stages.io import atomic_dir, disk_full_is_clear, write_json
 from stages.pack.algorithms import assign_packs, pack_lengths
 from stages.pack.cost_balance import balance_costs
-from stages.train.balance import epoch_straggler
 
 __all__ = ["pack_lengths", "run", "PackResult"]
 
@@ -51,8 +50,8 @@ class PackResult:
     eval_packs: int
     cost_balance: bool
     cost_max_over_mean: float  # the dearest training pack's estimated FLOPs over the mean pack's
-    straggler_world: int  # data-parallel ranks the straggler ratios assume (the trainer's; 8 if nproc_per_node unset)
-    straggler_ratio: float  # one epoch, packs assigned to ranks as the trainer will (1.0: no rank waits)
+    straggler_world: int  # data-parallel ranks the ratios assume: nnodes x nproc_per_node / SP (8 if nproc unset)
+    straggler_ratio: float  # the first epoch's whole steps, packs assigned to ranks as the trainer does (1.0: even)
     straggler_ratio_token_packing: float  # the same for the packs before the cost balance
     seconds: float
 
@@ -120,7 +119,7 @@ class Packing:
 
 def build_packs(tokenized: pa.Table, costs: dict[str, np.ndarray], rows: np.ndarray, cfg: DatasetConfig) -> Packing:
     """The packs of the tokenized ``rows`` (all of which fit the packing length), in a seeded order; ``costs`` is
-    sample_costs(tokenized)."""
+    sample_costs of the same table."""
     lengths = tokenized.column("length").to_numpy().astype(np.int64)[rows]
     capacity = cfg.packing_length if cfg.packing else int(lengths.max(initial=1))
     by_tokens = (
@@ -169,6 +168,8 @@ def straggler_layout(params: Params) -> tuple[int, int, int, bool]:
 
 
 def run(params: Params, root: Path = Path(".")) -> PackResult:
+    from stages.train.balance import epoch_straggler  # (imports torch: not for pack_lengths' users)
+
     start = time.perf_counter()
     cfg = params.dataset_config
     if not (root / TOKENIZED).is_file():

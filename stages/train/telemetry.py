@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from stages.io import atomic_file, write_json
 from stages.train.plot import loss_svg
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 MFU_CONVENTION = (
     "6*N_lm*tokens + 6*N_lm_head*label_positions + 12*layers*heads*head_dim*sum(len^2); vision 6*N_vision*patches; "
@@ -57,7 +61,7 @@ def parameter_counts(model, vision_prefix: str) -> dict[str, int]:
     return counts
 
 
-def architecture_counts(model_dir: Path, processor_type: str) -> tuple[dict[str, int], object]:
+def architecture_counts(model_dir: Path, processor_type: str) -> tuple[dict[str, int], PretrainedConfig]:
     """(parameter_counts, text config) of the model at ``model_dir`` from its config.json alone: the architecture
     built on the meta device (no weights read, no memory), so a CPU stage can price work as the trainer will."""
     from transformers import AutoConfig
