@@ -45,7 +45,8 @@ def main() -> None:
     from stages.pack import run as pack
     from stages.tiny_model import make_tiny_model
     from stages.tokenize import run as tokenize
-    from stages.train.balance import epoch_straggler, pack_costs
+    from stages.train.balance import pack_costs
+    from stages.train.data import epoch_straggler
     from stages.train.samples import PACKS
     from stages.train.telemetry import architecture_counts
     from stages.validate import run as validate
@@ -78,8 +79,10 @@ def main() -> None:
                 if len(order) >= args.world * per_rank:
                     before, after = (epoch_straggler(order, cost, args.world, 1, per_rank, b) for b in (False, True))
                     figures.append(f"{per_rank}: {before:.4f} / {after:.4f}")
-            spread = max(cost.values()) / (sum(cost.values()) / len(cost))
-            print(f"{name:>30} {result.packs:>6} {result.efficiency:>10.5f} {spread:>12.4f}   {'; '.join(figures)}")
+            print(
+                f"{name:>30} {result.packs:>6} {result.efficiency:>10.5f} {result.cost_max_over_mean:>12.4f}   "
+                + "; ".join(figures)
+            )
 
 
 if __name__ == "__main__":

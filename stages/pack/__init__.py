@@ -168,7 +168,7 @@ def straggler_layout(params: Params) -> tuple[int, int, int, bool]:
 
 
 def run(params: Params, root: Path = Path(".")) -> PackResult:
-    from stages.train.balance import epoch_straggler  # (imports torch: not for pack_lengths' users)
+    from stages.train.data import epoch_straggler  # (imports torch: not for pack_lengths' users)
 
     start = time.perf_counter()
     cfg = params.dataset_config

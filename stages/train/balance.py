@@ -61,19 +61,3 @@ def straggler_ratio(assignment: Assignment, cost: Mapping[int, float]) -> float:
     loads = [sum(cost[p] for micro in rank for p in micro) for rank in assignment]
     mean = sum(loads) / len(loads)
     return max(loads) / mean if mean > 0 else 1.0
-
-
-def epoch_straggler(
-    order: list[int], cost: Mapping[int, float], world: int, per_device: int, accumulation: int, balance: bool
-) -> float:
-    """The mean straggler ratio over the whole steps of one epoch in ``order``, packs assigned to ranks as the
-    trainer assigns them (a short last step is left out: it idles ranks whatever the layout)."""
-    size = world * per_device * accumulation
-    chunks = [order[s : s + size] for s in range(0, len(order) - size + 1, size)]
-    if not chunks:
-        return 1.0
-    layouts = (
-        balanced(c, cost, world, per_device, accumulation) if balance else in_order(c, world, per_device, accumulation)
-        for c in chunks
-    )
-    return sum(straggler_ratio(layout, cost) for layout in layouts) / len(chunks)

@@ -21,7 +21,7 @@ from schemas.params import DatasetConfig
 from stages.decode.shards import FrameStore
 from stages.families import ModelFamily
 from stages.tokenize.vision import VisionArgs
-from stages.train.balance import Assignment, balanced, in_order
+from stages.train.balance import Assignment, balanced, in_order, straggler_ratio
 from stages.train.samples import PACKS, TOKENIZED_ARROW, Packs, TokenizedSamples
 
 IGNORE = -100
@@ -240,6 +240,20 @@ def step_assignment(
     if cost is None:
         return in_order(chunk, world, per_device, accumulation)
     return balanced(chunk, cost, world, per_device, accumulation)
+
+
+def epoch_straggler(
+    order: list[int], cost: Mapping[int, float], world: int, per_device: int, accumulation: int, balance: bool
+) -> float:
+    """The mean straggler ratio over the whole steps of one epoch in ``order``, each step laid out by
+    step_assignment (a short last step is left out: it idles ranks whatever the layout)."""
+    steps = len(order) // (world * per_device * accumulation)
+    if steps == 0:
+        return 1.0
+    layouts = (
+        step_assignment(order, s, world, per_device, accumulation, cost if balance else None) for s in range(steps)
+    )
+    return sum(straggler_ratio(layout, cost) for layout in layouts) / steps
 
 
 def micro_batches(mine: list[list[int]], order: list[int]) -> list[tuple[list[int], bool]]:
