@@ -16,16 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import ffmpeg
+import imageio_ffmpeg
 
-import ffmpeg  # noqa: E402
-import imageio_ffmpeg  # noqa: E402
-
-from schemas.params import parse_params  # noqa: E402
-from stages.decode import run as decode  # noqa: E402
-from stages.decode.shards import FrameStore  # noqa: E402
-from stages.validate import run as validate  # noqa: E402
-
+REPO = Path(__file__).resolve().parent.parent
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 
 
@@ -42,7 +36,7 @@ def make_clips(root: Path, n: int, seconds: float) -> list[str]:
     return names
 
 
-def cli_same_frames(root: Path, store: FrameStore, workers: int) -> tuple[int, float]:
+def cli_same_frames(root: Path, store, workers: int) -> tuple[int, float]:
     """The plain ffmpeg CLI pulling the same frames at the same size (select + bicubic scale), same parallelism."""
     procs, frames, start = [], 0, time.perf_counter()
     for row in store.values():
@@ -77,6 +71,15 @@ def cli_same_frames(root: Path, store: FrameStore, workers: int) -> tuple[int, f
 
 
 def main() -> None:
+    # The project's modules are imported here, not at the top: each decode worker process re-imports the script
+    # that started the pool (Python's forkserver does, for any script but `python -m`), and would spend seconds
+    # importing the stage (as `python -m stages.decode`, how DVC and the flows run it, the workers never do).
+    sys.path.insert(0, str(REPO))
+    from schemas.params import parse_params
+    from stages.decode.shards import FrameStore
+    from stages.decode.stage import run as decode
+    from stages.validate import run as validate
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--videos", type=int, default=12)
     ap.add_argument("--seconds", type=float, default=10.0)

@@ -67,7 +67,7 @@ def prepare(root: Path, raw: dict, decode: bool = False) -> Params:
     params = parse_params(raw)
     stages = [validate, tokenize, pack]
     if decode:
-        from stages.decode import run as decode_stage
+        from stages.decode.stage import run as decode_stage
 
         stages.insert(1, decode_stage)
     for stage in stages:

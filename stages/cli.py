@@ -34,7 +34,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_decode(args: argparse.Namespace) -> int:
     from schemas.params import load_params
-    from stages.decode import run
+    from stages.decode.stage import run
 
     r = run(load_params(args.params))
     print(

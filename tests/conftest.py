@@ -224,7 +224,7 @@ def pipeline_params(model_dir: Path, family_name: str, **trainer):
 @pytest.fixture(scope="session", params=FAMILIES)
 def packed_project(request, tiny_models, demo_dir, tmp_path_factory):
     """A project root with validate, decode, tokenize and pack done on the demo data for one family."""
-    from stages.decode import run as decode
+    from stages.decode.stage import run as decode
     from stages.pack import run as pack
     from stages.tokenize import run as tokenize
     from stages.validate import run as validate

@@ -1,22 +1,20 @@
 """Decode exactly the planned frames of a video file with ffmpeg, then resize them the way qwen-vl-utils does.
 
 ffmpeg (imageio-ffmpeg's binary, driven by ffmpeg-python) decodes and selects the frames and converts them to
-RGB; the resize is torchvision's bicubic with antialias, the call qwen-vl-utils' fetch_video makes, so the
-pixels match Qwen's own pipeline instead of approximating it with ffmpeg's scaler. ``decode.resize: fast`` lets
-ffmpeg scale instead (bicubic in RGB, in its filter graph): about as fast as the ffmpeg CLI, pixels a little
-different (scaling the YUV planes instead, ffmpeg's default, was 30-60x further off: measured).
+RGB; the resize is the bicubic with antialias of qwen-vl-utils' fetch_video (torchvision's resize, as the torch
+calls it makes), so the pixels match Qwen's own pipeline instead of approximating it with ffmpeg's scaler.
+``decode.resize: fast`` lets ffmpeg scale instead (bicubic in RGB, in its filter graph): about as fast as the
+ffmpeg CLI, pixels a little different (scaling the YUV planes instead, ffmpeg's default, was 30-60x further off:
+measured).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 
 import ffmpeg
 import imageio_ffmpeg
 import numpy as np
-
-from stages.decode.sampling import FramePlan
 
 FFMPEG_POINTER = re.compile(r" @ 0x[0-9a-f]+")
 
@@ -79,36 +77,44 @@ def decode_rgb(
 
 
 def resize_like_qwen(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """torchvision bicubic + antialias resize of uint8 (T, H, W, 3)."""
+    """Qwen's resize of uint8 (T, H, W, 3): torchvision's ``resize(BICUBIC, antialias=True)`` on uint8, written as
+    the torch calls it makes (float32, interpolate, clamp, round, uint8), so a decode worker imports torch but not
+    torchvision (2.9 s of start-up a worker, measured). tests/stages/test_decode.py holds it equal to torchvision."""
     import torch
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as tvf
+    from torch.nn.functional import interpolate
 
     if frames.shape[1:3] == (height, width):
         return np.ascontiguousarray(frames)
     video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
     out = np.empty((len(frames), height, width, 3), np.uint8)
-    # On uint8, as fetch_video calls it (the result stays uint8), one frame at a time: the same pixels as the whole
-    # clip in one call (each frame is resized alone either way), 1.8x faster, since the float copy torchvision
-    # makes of one frame stays in cache (measured: 9 vs 16 ms a 640x360 frame to 644x364, one thread).
+    # One frame at a time: the same pixels as the whole clip in one call (each frame is resized alone either way),
+    # 1.8x faster, since the float copy of one frame stays in cache (measured: 9 vs 16 ms a 640x360 frame to
+    # 644x364, one thread).
     for i in range(len(frames)):
-        one = tvf.resize(video[i : i + 1], [height, width], interpolation=InterpolationMode.BICUBIC, antialias=True)
-        out[i] = one[0].permute(1, 2, 0).numpy()
+        one = video[i : i + 1].to(torch.float32)
+        one = interpolate(one, size=[height, width], mode="bicubic", align_corners=False, antialias=True)
+        out[i] = one.clamp_(0, 255).round_().to(torch.uint8)[0].permute(1, 2, 0).numpy()
     return out
 
 
 def decode_planned(
-    path: str, plan: FramePlan, src_height: int, src_width: int, threads: int = 1, resize: str = "exact"
+    path: str,
+    indices: list[int],
+    src_size: tuple[int, int],
+    size: tuple[int, int],
+    threads: int = 1,
+    resize: str = "exact",
 ) -> np.ndarray:
-    """The plan's frames at the plan's size: uint8 (T, H, W, 3), resized exactly or (``fast``) by ffmpeg."""
+    """Frames ``indices`` of ``path`` (shown at ``src_size``) at ``size`` (height, width): uint8 (T, H, W, 3),
+    resized exactly or (``fast``) by ffmpeg."""
     if resize == "fast":
-        return decode_rgb(path, plan.indices, plan.height, plan.width, threads, scale=True)
-    return resize_like_qwen(decode_rgb(path, plan.indices, src_height, src_width, threads), plan.height, plan.width)
+        return decode_rgb(path, indices, *size, threads, scale=True)
+    return resize_like_qwen(decode_rgb(path, indices, *src_size, threads), *size)
 
 
-def fast_resize_error(path: str, plan: FramePlan, src_height: int, src_width: int, fast_first: np.ndarray) -> dict:
-    """How far ``fast_first`` (the fast resize of the plan's first frame) is from the exact resize of that frame:
-    the sum and count of absolute differences (for a mean over many videos) and the largest one."""
-    exact = decode_planned(path, replace(plan, indices=plan.indices[:1]), src_height, src_width)[0]
+def fast_resize_error(path: str, index: int, src_size: tuple[int, int], fast_first: np.ndarray) -> dict:
+    """How far ``fast_first`` (the fast resize of frame ``index``) is from the exact resize of that frame: the sum
+    and count of absolute differences (for a mean over many videos) and the largest one."""
+    exact = decode_planned(path, [index], src_size, fast_first.shape[:2])[0]
     diff = np.abs(exact.astype(np.int16) - fast_first.astype(np.int16))
     return {"abs_diff_sum": int(diff.sum()), "values": int(diff.size), "max_diff": int(diff.max(initial=0))}

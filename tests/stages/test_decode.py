@@ -17,9 +17,9 @@ import pytest
 
 from schemas.errors import ConfigError, PipelineError, StageInputError
 from schemas.params import parse_params
-from stages.decode import run as decode
 from stages.decode.sampling import SamplingOptions
 from stages.decode.shards import FrameStore
+from stages.decode.stage import run as decode
 from stages.families import family
 from stages.validate import run as validate
 from tests.conftest import DECODE_IN_PROCESS, REPO, fill_disk
@@ -414,8 +414,8 @@ def test_frame_store_finds_every_video_by_key_from_an_index_written_in_batches(t
     Parquet index holds the same rows as the mapped one."""
     import pickle
 
-    from stages.decode import IndexWriter
     from stages.decode.shards import ShardWriter
+    from stages.decode.stage import IndexWriter
 
     monkeypatch.setattr(IndexWriter, "ROWS", 2)
     rng = np.random.default_rng(0)

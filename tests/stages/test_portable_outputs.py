@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from schemas.params import parse_params
-from stages.decode import run as decode
+from stages.decode.stage import run as decode
 from stages.validate import run as validate
 from tests.conftest import DECODE_IN_PROCESS, demo_params
 

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from stages.decode import run as decode
 from stages.decode.shards import FrameStore
+from stages.decode.stage import run as decode
 from stages.tokenize import run as tokenize
 from stages.tokenize.vision import VisionArgs
 from stages.validate import run as validate

@@ -35,7 +35,7 @@ def params_for(model_dir, **trainer):
 @pytest.fixture(scope="module")
 def eval_project(tiny_models, demo_dir, tmp_path_factory):
     """The demo data through validate -> decode -> tokenize -> pack with a held-out share."""
-    from stages.decode import run as decode
+    from stages.decode.stage import run as decode
     from stages.pack import run as pack
     from stages.tokenize import run as tokenize
     from stages.validate import run as validate

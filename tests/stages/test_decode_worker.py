@@ -1,0 +1,47 @@
+"""The decode worker: Qwen's resize without torchvision, and a worker process that imports none of the stage."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as tvf
+
+from stages.decode.ffmpeg_frames import resize_like_qwen
+from tests.conftest import REPO
+from tests.stages.test_decode import make_clip
+
+
+@pytest.mark.parametrize(
+    "size, target",
+    [((360, 640), (364, 644)), ((720, 1280), (252, 448)), ((97, 131), (196, 252)), ((240, 320), (240, 448))],
+)
+def test_resize_equals_torchvision_bit_for_bit(size, target):
+    """The call fetch_video makes (torchvision, uint8 in and out) on random frames: every value equal, downscale,
+    upscale and one side only."""
+    frames = np.random.default_rng(0).integers(0, 256, (3, *size, 3), dtype=np.uint8)
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2)
+    expected = tvf.resize(video, list(target), interpolation=InterpolationMode.BICUBIC, antialias=True)
+    mine = resize_like_qwen(frames, *target)
+    assert mine.shape == (3, *target, 3)
+    assert np.array_equal(mine, expected.permute(0, 2, 3, 1).numpy())
+
+
+def test_worker_decodes_without_the_stage_libraries(tmp_path):
+    """A worker process importing the task module and decoding a video exactly loads neither torchvision nor
+    qwen-vl-utils nor the stage's DuckDB / pyarrow / pydantic (seconds of start-up in every worker)."""
+    make_clip(tmp_path / "clip.mp4", 1.0, 10, 160, 96)
+    script = f"""
+import json, sys
+from stages.decode.worker import VideoTask, decode_task
+task = VideoTask({str(tmp_path / "clip.mp4")!r}, (0, 5, 9), (96, 160), (112, 196), (196, 112), {{}})
+out = decode_task(task)
+heavy = [m for m in ("torchvision", "qwen_vl_utils", "duckdb", "pyarrow", "pydantic") if m in sys.modules]
+print(json.dumps({{"shape": list(out.frames.shape), "shown": list(out.shown_size), "heavy": heavy}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"shape": [3, 112, 196, 3], "shown": [96, 160], "heavy": []}
