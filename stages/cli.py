@@ -131,6 +131,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     import time
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect gives its temporary server 20 s to start: a fresh clone on two busy cores took longer (seen here).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     start = time.perf_counter()
     from flows.pipeline import qwen_vl_pipeline
 
