@@ -88,10 +88,17 @@ def _picture(width: int, height: int, seed: int) -> Image.Image:
     return img
 
 
+# The demo's bytes are the same on every x86-64 machine (its DVC hashes are committed): measured 2026-12-02 on a
+# machine without AVX, x264's output differs between its SIMD levels and ffmpeg's AAC encoder with its SIMD off;
+# Pillow's zlib-ng picks code paths by CPU too, so PNGs are written as stored (uncompressed) deflate blocks.
+# libjpeg-turbo's output is the same with its SIMD off (JSIMD_FORCENONE=1, measured).
+PORTABLE = {"PNG": {"compress_level": 0}}
+
+
 def _write_images(root: Path) -> None:
     (root / "images").mkdir(parents=True)
     for i, (name, (w, h, fmt)) in enumerate(IMAGES.items()):
-        _picture(w, h, i).save(root / "images" / name, fmt)
+        _picture(w, h, i).save(root / "images" / name, fmt, **PORTABLE.get(fmt, {}))
     # A JPEG cut in half: its header reads, its pixels do not.
     data = (root / "images" / "street.jpg").read_bytes()
     (root / "images" / "truncated.jpg").write_bytes(data[: len(data) // 2])
@@ -117,12 +124,12 @@ def _write_videos(root: Path) -> None:
                 pix_fmt="yuv420p",
                 g=fps,
                 movflags="+faststart",
-                **{"x264-params": "threads=1"},
+                **{"x264-params": "threads=1:asm=0"},  # x264's SIMD levels encode differently: C only
             )
         )
     # Bad videos: audio only, not a video at all, a clip truncated mid-stream (decode stage catches it).
     tone = ffmpeg.input("sine=frequency=440:duration=1", f="lavfi")
-    _run_ffmpeg(tone.output(str(root / "videos" / "audio_only.mp4"), acodec="aac"))
+    _run_ffmpeg(tone.output(str(root / "videos" / "audio_only.mp4"), acodec="alac"))  # ALAC: integer, unlike AAC
     (root / "videos" / "garbage.mp4").write_bytes(b"\x00\x01not a video" * 64)
     data = (root / "videos" / "slow.mp4").read_bytes()
     (root / "videos" / "truncated.mp4").write_bytes(data[: int(len(data) * 0.6)])
@@ -201,7 +208,7 @@ def _openai_rows(rng: random.Random) -> list[dict]:
             }
         )
     buf = io.BytesIO()
-    _picture(96, 64, 7).save(buf, "PNG")
+    _picture(96, 64, 7).save(buf, "PNG", **PORTABLE["PNG"])
     rows.append(
         {
             "messages": [

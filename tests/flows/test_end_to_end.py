@@ -60,6 +60,12 @@ def stack(clone, tmp_path_factory):
             stop(worker)
 
 
+def code_and_params(entry: dict) -> dict:
+    """A dvc.lock stage entry without its data: command, params and the dependencies outside data/."""
+    deps = [d for d in entry["deps"] if not d["path"].startswith("data/")]
+    return {"cmd": entry["cmd"], "params": entry.get("params"), "deps": deps}
+
+
 def ran_stages(output: str) -> list[str]:
     """The stages DVC ran, in order (a line may reach the output twice through Prefect's console log)."""
     return list(dict.fromkeys(re.findall(r"Running stage '(\w+)'", output)))
@@ -77,11 +83,19 @@ def test_qvl_run_end_to_end_then_nothing_then_only_what_changed(clone, tmp_path)
     assert "up to date" in sh(sys.executable, "-m", "dvc", "status", cwd=clone).stdout
     # Portable lineage: at another path, on another machine, the data stages' lock entries are the committed ones
     # (only training was shortened here). Fails when the committed dvc.lock is stale: rerun the demo and commit it.
+    # Decoded pixels are the same only where the CPU takes the same SIMD path through ffmpeg's YUV -> RGB conversion
+    # (as in qwen-vl-utils' own reader; docs/decisions.md): where they differ, the stages after validate are
+    # compared on their code and params, without the data hashes that follow from the pixels.
     committed = yaml.safe_load(sh("git", "show", "HEAD:dvc.lock", cwd=clone).stdout)["stages"]
     here = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+    same_pixels = here["decode"]["outs"] == committed["decode"]["outs"]
     for name in ("validate", "decode", "tokenize", "pack"):
-        assert here[name] == committed[name], f"{name}: dvc.lock differs from the committed one"
-    data_metrics = [f"metrics/{n}.json" for n in ("validate", "validate_rejects", "decode", "tokenize", "pack")]
+        mine, theirs = here[name], committed[name]
+        if name != "validate" and not same_pixels:
+            mine, theirs = code_and_params(mine), code_and_params(theirs)
+        assert mine == theirs, f"{name}: dvc.lock differs from the committed one"
+    data_metrics = [f"metrics/{n}.json" for n in ("validate", "validate_rejects", "tokenize", "pack")]
+    data_metrics += ["metrics/decode.json"] if same_pixels else []  # its shard_bytes follow from the pixels
     assert not sh("git", "status", "--porcelain", "--", *data_metrics, cwd=clone).stdout  # git-tracked, same bytes
     from stages.register import read_registry
 
