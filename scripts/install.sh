@@ -28,7 +28,7 @@ uv_install() {
   .venv/bin/pip install -q --disable-pip-version-check "uv==$UV_VERSION" || return 1
   # pip's certificate bundle (a proxy's CA) for uv as well; unsafe-best-match picks versions across indexes as pip does.
   # --compile-bytecode: uv leaves no .pyc files, and where PYTHONDONTWRITEBYTECODE is set (these machines set it)
-  # every process would compile torch and transformers again: measured 10.4 s -> 4.7 s for `import stages.decode`.
+  # every process would compile torch and transformers again: measured 10.4 s -> 4.7 s for importing the decode stage.
   local cert=${PIP_CERT:-$(.venv/bin/pip config get global.cert 2>/dev/null || true)}
   # shellcheck disable=SC2046  # one option and its value per line, split on purpose
   SSL_CERT_FILE=${cert:-${SSL_CERT_FILE:-}} .venv/bin/uv pip install -q --python .venv/bin/python \

@@ -79,7 +79,8 @@ def decode_rgb(
 def resize_like_qwen(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     """Qwen's resize of uint8 (T, H, W, 3): torchvision's ``resize(BICUBIC, antialias=True)`` on uint8, written as
     the torch calls it makes (float32, interpolate, clamp, round, uint8), so a decode worker imports torch but not
-    torchvision (2.9 s of start-up a worker, measured). tests/stages/test_decode.py holds it equal to torchvision."""
+    torchvision (2.9 s of start-up a worker, measured). tests/stages/test_decode_worker.py holds it equal to
+    torchvision's call."""
     import torch
     from torch.nn.functional import interpolate
 

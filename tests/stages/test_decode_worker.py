@@ -45,3 +45,14 @@ print(json.dumps({{"shape": list(out.frames.shape), "shown": list(out.shown_size
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"shape": [3, 112, 196, 3], "shown": [96, 160], "heavy": []}
+
+
+def test_a_video_pyav_cannot_read_is_a_decode_error(tmp_path):
+    """PyAV's InvalidDataError is a ValueError: it becomes the video's reject, not the stage's crash."""
+    from stages.decode.ffmpeg_frames import DecodeError
+    from stages.decode.worker import VideoTask, decode_task
+
+    (tmp_path / "bad.mp4").write_bytes(b"\x00\x01not a video" * 64)
+    result = decode_task(VideoTask(str(tmp_path / "bad.mp4"), (0,), (96, 160), (112, 196), (196, 112), {}))
+    assert isinstance(result, DecodeError) and result.reason == "decode_error"
+    assert result.detail.startswith("InvalidDataError: ")
