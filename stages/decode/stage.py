@@ -191,7 +191,13 @@ class ResizeCheck:
     max_diff: int = 0
     frames: int = 0
 
-    def add(self, check: dict) -> None:
+    def measure(self, path: str, index: int, shown_size: tuple[int, int], fast_frame) -> None:
+        """Add how far ``fast_frame`` (frame ``index`` of ``path``) is from its exact resize. Runs in the stage
+        process, so the workers never load torch on the fast path; a frame that fails here goes unmeasured."""
+        try:
+            check = fast_resize_error(path, index, shown_size, fast_frame)
+        except (DecodeError, OSError, ValueError):
+            return
         self.abs_diff_sum += check["abs_diff_sum"]
         self.values += check["values"]
         self.max_diff = max(self.max_diff, check["max_diff"])
@@ -250,12 +256,7 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
                 continue
             frames, fields = result.frames, result.fields
             if check and job.path and i % FAST_CHECK_EVERY == 0:
-                # Here, not in the workers, which then never load torch for the fast path: one frame in 8 videos.
-                try:
-                    first = fields["frames_indices"][0]
-                    check.add(fast_resize_error(str(project / job.path), first, result.shown_size, frames[0]))
-                except (DecodeError, OSError, ValueError):
-                    pass  # the video's fast frames stand; it goes unmeasured
+                check.measure(str(project / job.path), fields["frames_indices"][0], result.shown_size, frames[0])
             shard, group = writer.add(job.key, frames)
             frames_total += len(frames)
             raw_bytes += frames.nbytes
