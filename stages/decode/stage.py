@@ -22,9 +22,9 @@ from tqdm import tqdm
 from schemas.errors import StageInputError
 from schemas.params import Params
 from schemas.tables import DECODE_REJECTS_SCHEMA, FRAME_INDEX_SCHEMA
-from stages.decode.ffmpeg_frames import DecodeError, fast_resize_error
 from stages.decode.sampling import SamplingOptions, plan_frames, resize_for, video_key
 from stages.decode.shards import INDEX_ARROW, INDEX_FILE, ShardWriter
+from stages.decode.video_frames import DecodeError, Targets, fast_resize_error
 from stages.decode.worker import FrameListTask, VideoTask, decode_task
 from stages.executor import map_chunks
 from stages.families import family
@@ -97,11 +97,8 @@ def plan_task(
         "total_frames": plan.total_frames,
         "fps_sampled": plan.fps_sampled,
     }
-    rotated = resize_for(len(plan.indices), job.src_width, job.src_height, options)
-    coded = (job.src_height, job.src_width)
-    return VideoTask(
-        str(root / job.path), tuple(plan.indices), coded, (plan.height, plan.width), rotated, fields, threads, resize
-    )
+    targets = Targets((plan.height, plan.width), resize_for(len(plan.indices), job.src_width, job.src_height, options))
+    return VideoTask(str(root / job.path), tuple(plan.indices), targets, fields, threads, resize)
 
 
 class IndexWriter:
@@ -191,11 +188,11 @@ class ResizeCheck:
     max_diff: int = 0
     frames: int = 0
 
-    def measure(self, path: str, index: int, shown_size: tuple[int, int], fast_frame) -> None:
+    def measure(self, path: str, index: int, fast_frame) -> None:
         """Add how far ``fast_frame`` (frame ``index`` of ``path``) is from its exact resize. Runs in the stage
         process, so the workers never load torch on the fast path; a frame that fails here goes unmeasured."""
         try:
-            check = fast_resize_error(path, index, shown_size, fast_frame)
+            check = fast_resize_error(path, index, fast_frame)
         except (DecodeError, OSError, ValueError):
             return
         self.abs_diff_sum += check["abs_diff_sum"]
@@ -247,7 +244,10 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
     rejected, frames_total, raw_bytes = [], 0, 0
     with atomic_dir(root / OUT_DIR) as tmp, IndexWriter(tmp) as index:
         writer = ShardWriter(tmp, params.decode.shard_target_mb * 1024 * 1024)
-        results = map_chunks(decode_task, tasks, workers=workers, config=params.orchestration, name="decode")
+        preload = ("stages.decode.worker", *(("torch",) if resize == "exact" else ()))
+        results = map_chunks(
+            decode_task, tasks, workers=workers, config=params.orchestration, name="decode", preload=preload
+        )
         for i, (job, result) in enumerate(
             tqdm(zip(jobs, results, strict=True), total=len(jobs), desc="decode", unit="video", disable=None)
         ):
@@ -256,7 +256,7 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
                 continue
             frames, fields = result.frames, result.fields
             if check and job.path and i % FAST_CHECK_EVERY == 0:
-                check.measure(str(project / job.path), fields["frames_indices"][0], result.shown_size, frames[0])
+                check.measure(str(project / job.path), fields["frames_indices"][0], frames[0])
             shard, group = writer.add(job.key, frames)
             frames_total += len(frames)
             raw_bytes += frames.nbytes

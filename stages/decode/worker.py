@@ -1,7 +1,7 @@
 """What a decode worker process runs: one planned video in, its frames out.
 
 The stage process plans every video (qwen-vl-utils' arithmetic) and hands a worker plain data, so a worker
-imports numpy, ffmpeg-python, PyAV and, for the exact resize, torch, but not the stage's DuckDB, pyarrow, pydantic,
+imports numpy, PyAV and, for the exact resize, torch, but not the stage's DuckDB, pyarrow, pydantic,
 torchvision or qwen-vl-utils (a worker's start-up 7.0 -> 0.3 s, measured; torch adds 3.4-4 s, for the exact resize
 only). Only a list of frame images, which qwen-vl-utils' fetch_video builds itself, imports it, in the worker that
 meets one.
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stages.decode.ffmpeg_frames import DecodeError, decode_planned, displayed_size
+from stages.decode.video_frames import DecodeError, Targets, decode_planned
 
 
 @dataclass(frozen=True)
@@ -22,9 +22,7 @@ class VideoTask:
 
     path: str  # absolute
     indices: tuple[int, ...]  # the planned frames, presentation order
-    coded_size: tuple[int, int]  # (height, width) as coded
-    size: tuple[int, int]  # the resize target when the video shows at its coded size
-    rotated_size: tuple[int, int]  # the target when a 90 or 270 degree rotation swaps the coded size
+    targets: Targets  # the resize target (height, width), shown at the coded size and rotated
     fields: dict  # the plan's index fields (frames_indices, timestamps, ...), returned as they are
     threads: int = 1
     resize: str = "exact"
@@ -42,7 +40,6 @@ class FrameListTask:
 @dataclass
 class Decoded:
     frames: np.ndarray  # uint8 (T, H, W, 3)
-    shown_size: tuple[int, int]  # (height, width) of the source as displayed
     fields: dict = field(default_factory=dict)  # index fields
 
 
@@ -53,10 +50,8 @@ def decode_task(task: VideoTask | FrameListTask | DecodeError) -> Decoded | Deco
     try:
         if isinstance(task, FrameListTask):
             return _decode_frame_list(task)
-        shown = displayed_size(task.path, *task.coded_size)
-        size = task.size if shown == task.coded_size else task.rotated_size
-        frames = decode_planned(task.path, list(task.indices), shown, size, task.threads, task.resize)
-        return Decoded(frames, shown, task.fields)
+        frames = decode_planned(task.path, list(task.indices), task.targets, task.threads, task.resize)
+        return Decoded(frames, task.fields)
     except DecodeError as exc:
         return exc
     except (ValueError, OSError) as exc:  # PyAV's InvalidDataError (a ValueError), unreadable frame files
@@ -84,4 +79,4 @@ def _decode_frame_list(task: FrameListTask) -> Decoded:
         "total_frames": int(round(meta["total_num_frames"])),
         "fps_sampled": fps,
     }
-    return Decoded(frames, tuple(frames.shape[1:3]), fields)
+    return Decoded(frames, fields)

@@ -10,7 +10,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as tvf
 
-from stages.decode.ffmpeg_frames import resize_like_qwen
+from stages.decode.video_frames import Targets, resize_like_qwen
 from tests.conftest import REPO
 from tests.stages.test_decode import make_clip
 
@@ -36,23 +36,24 @@ def test_worker_decodes_without_the_stage_libraries(tmp_path):
     make_clip(tmp_path / "clip.mp4", 1.0, 10, 160, 96)
     script = f"""
 import json, sys
+from stages.decode.video_frames import Targets
 from stages.decode.worker import VideoTask, decode_task
-task = VideoTask({str(tmp_path / "clip.mp4")!r}, (0, 5, 9), (96, 160), (112, 196), (196, 112), {{}})
+task = VideoTask({str(tmp_path / "clip.mp4")!r}, (0, 5, 9), Targets((112, 196), (196, 112)), {{}})
 out = decode_task(task)
 heavy = [m for m in ("torchvision", "qwen_vl_utils", "duckdb", "pyarrow", "pydantic") if m in sys.modules]
-print(json.dumps({{"shape": list(out.frames.shape), "shown": list(out.shown_size), "heavy": heavy}}))
+print(json.dumps({{"shape": list(out.frames.shape), "heavy": heavy}}))
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result == {"shape": [3, 112, 196, 3], "shown": [96, 160], "heavy": []}
+    assert result == {"shape": [3, 112, 196, 3], "heavy": []}
 
 
 def test_a_video_pyav_cannot_read_is_a_decode_error(tmp_path):
     """PyAV's InvalidDataError is a ValueError: it becomes the video's reject, not the stage's crash."""
-    from stages.decode.ffmpeg_frames import DecodeError
+    from stages.decode.video_frames import DecodeError
     from stages.decode.worker import VideoTask, decode_task
 
     (tmp_path / "bad.mp4").write_bytes(b"\x00\x01not a video" * 64)
-    result = decode_task(VideoTask(str(tmp_path / "bad.mp4"), (0,), (96, 160), (112, 196), (196, 112), {}))
+    result = decode_task(VideoTask(str(tmp_path / "bad.mp4"), (0,), Targets((112, 196), (196, 112)), {}))
     assert isinstance(result, DecodeError) and result.reason == "decode_error"
     assert result.detail.startswith("InvalidDataError: ")

@@ -1,0 +1,209 @@
+"""Decode exactly the planned frames of a video file with PyAV (FFmpeg's libraries), then resize them the way
+qwen-vl-utils does.
+
+The frames are those the ffmpeg command line gives (`select` on the frame number, autorotated, converted to RGB
+by swscale: bit for bit, tests/stages/test_video_frames.py), but only the frames the sampled ones need are
+decoded: a non-reference frame (most H.264/HEVC B-frames) that is not sampled is skipped by the decoder itself
+(``skip_frame``), which no other frame can notice. On x264 clips sampled at 2 fps that is 140 of 300 frames not
+decoded and 0.6x the CLI's time (measured; benchmarks/README.md). The resize is the bicubic with antialias of
+qwen-vl-utils' fetch_video (torchvision's resize, as the torch calls it makes), so the pixels match Qwen's own
+pipeline; ``decode.resize: fast`` lets swscale scale instead (bicubic in RGB, in the same filter graph).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import av
+import numpy as np
+
+
+class DecodeError(Exception):
+    """A video that cannot be decoded as planned; ``reason`` is a reject code."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(reason, detail)  # both in args, so the error pickles across processes
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Targets:
+    """The resize target (height, width) for the video shown at its coded size, and for a 90/270-degree
+    rotation that swaps it (the rotation is known once a frame is decoded)."""
+
+    size: tuple[int, int]
+    rotated_size: tuple[int, int]
+
+
+def rotation_filters(matrix: np.ndarray | None) -> list[tuple[str, str | None]]:
+    """The filters the ffmpeg command line inserts to show a frame with display matrix ``matrix`` (int32, 3x3
+    flattened) upright: its autorotate rules (fftools/ffmpeg_filter.c), so both give the same pixels."""
+    if matrix is None:
+        return []
+    m = [float(v) for v in matrix]
+    scale = (math.hypot(m[0], m[3]), math.hypot(m[1], m[4]))
+    if 0.0 in scale:
+        return []
+    theta = -round(-math.degrees(math.atan2(m[1] / scale[1], m[0] / scale[0])))  # av_display_rotation_get
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    if abs(theta - 90) < 1:
+        return [("transpose", "cclock_flip" if m[3] > 0 else "clock")]
+    if abs(theta - 180) < 1:
+        return [f for f, flipped in ((("hflip", None), m[0] < 0), (("vflip", None), m[4] < 0)) if flipped]
+    if abs(theta - 270) < 1:
+        return [("transpose", "clock_flip" if m[3] < 0 else "cclock")]
+    if abs(theta) > 1:
+        return [("rotate", f"{theta:f}*PI/180")]
+    return [("vflip", None)] if m[4] < 0 else []
+
+
+def display_matrix(frame: av.VideoFrame) -> np.ndarray | None:
+    try:
+        return np.frombuffer(bytes(frame.side_data[av.sidedata.sidedata.Type.DISPLAYMATRIX]), np.int32)
+    except KeyError:
+        return None
+
+
+class RgbFilter:
+    """A decoded frame, upright, as RGB at ``size`` (height, width), by one FFmpeg filter graph: the command
+    line's autorotate filters, then RGB, then (``scale``) swscale's bicubic in RGB with Catmull-Rom weights as
+    torch's antialiased bicubic (MAD 0.03 from exact at 640 -> 448 px, measured; scaling the YUV planes
+    instead, FFmpeg's default, was 30-60x further off)."""
+
+    def __init__(self, first: av.VideoFrame, targets: Targets, scale: bool):
+        rotate = rotation_filters(display_matrix(first))
+        swaps = bool(rotate) and rotate[0][0] == "transpose"
+        self.shown = (first.width, first.height) if swaps else (first.height, first.width)
+        self.target = targets.rotated_size if swaps else targets.size
+        self.graph = av.filter.Graph()
+        nodes = [self.graph.add_buffer(width=first.width, height=first.height, format=first.format, time_base=1)]
+        for name, args in [*rotate, ("format", "rgb24")]:
+            nodes.append(self.graph.add(name, args))
+        if scale:
+            height, width = self.target
+            nodes.append(self.graph.add("scale", f"{width}:{height}:flags=bicubic:param0=0:param1=0.5"))
+        nodes.append(self.graph.add("buffersink"))
+        self.graph.link_nodes(*nodes).configure()
+
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        frame.pts = None  # the graph's buffer has its own time base; the pixels do not depend on time
+        self.graph.push(frame)
+        return self.graph.pull().to_ndarray()
+
+
+def frame_times(path: str) -> tuple[list[int] | None, str | None]:
+    """The presentation timestamps of the video's frames in presentation order (its frame numbers), or None where
+    they do not number the frames (a stream without timestamps, or with repeated ones); and the first error met
+    reading the file. A first pass over the packets without decoding them (cheap: the file's bytes only)."""
+    times, error = [], None
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        try:
+            for packet in container.demux(stream):
+                if packet.size and not packet.is_discard:
+                    times.append(packet.pts)
+        except av.FFmpegError as exc:
+            error = str(exc)
+    if None in times or len(set(times)) != len(times):
+        return None, error
+    return sorted(times), error
+
+
+def decode_rgb(
+    path: str, indices: list[int], targets: Targets, threads: int = 1, scale: bool = False
+) -> tuple[np.ndarray, RgbFilter]:
+    """Frames ``indices`` (presentation order, from 0) of ``path`` as uint8 (T, H, W, 3), upright, at their
+    shown size or (``scale``) scaled by swscale to ``targets``; and the filter that made them (its shown size
+    and target)."""
+    wanted_numbers = set(indices)
+    times, first_error = frame_times(path)
+    if times is not None:
+        wanted_times = {times[i]: i for i in wanted_numbers if i < len(times)}
+    got: dict[int, np.ndarray] = {}
+    to_rgb: RgbFilter | None = None
+    count = 0  # frames out of the decoder, numbering them where the timestamps do not
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_count = threads
+        if threads > 1:
+            stream.thread_type = "AUTO"
+        codec = stream.codec_context
+        packets = container.demux(stream)
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                break
+            except av.FFmpegError as exc:  # a damaged or cut file: keep what was read, as the CLI does
+                first_error = first_error or str(exc)
+                break
+            skip = times is not None and packet.pts is not None and packet.pts not in wanted_times
+            codec.skip_frame = "NONREF" if skip else "DEFAULT"
+            try:
+                frames = codec.decode(packet)
+            except av.FFmpegError as exc:  # a damaged packet: the decoder goes on with the next, as the CLI does
+                first_error = first_error or str(exc)
+                continue
+            for frame in frames:
+                number = count if times is None else wanted_times.get(frame.pts)
+                count += 1
+                if number is None or number not in wanted_numbers or number in got:
+                    continue
+                to_rgb = to_rgb or RgbFilter(frame, targets, scale)
+                got[number] = to_rgb(frame)
+            if len(got) == len(wanted_numbers):  # the rest of the file is not needed
+                break
+    if len(got) < len(wanted_numbers):
+        missing = sorted(wanted_numbers - got.keys())
+        raise DecodeError(
+            "truncated_video",
+            f"decoded {len(got)} of the {len(wanted_numbers)} sampled frames (first missing: frame {missing[0]})"
+            f"{': ' + first_error if first_error else ''}",
+        )
+    return np.stack([got[i] for i in indices]), to_rgb
+
+
+def resize_like_qwen(frames: np.ndarray, height: int, width: int, threads: int | None = None) -> np.ndarray:
+    """Qwen's resize of uint8 (T, H, W, 3): torchvision's ``resize(BICUBIC, antialias=True)`` on uint8, written as
+    the torch calls it makes (float32, interpolate, clamp, round, uint8), so a decode worker imports torch but not
+    torchvision (2.9 s of start-up a worker, measured). tests/stages/test_decode_worker.py holds it equal to
+    torchvision's call. ``threads``: torch's threads in this process (a worker's share of the cores: torch
+    would take them all in every worker)."""
+    import torch
+    from torch.nn.functional import interpolate
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    if frames.shape[1:3] == (height, width):
+        return np.ascontiguousarray(frames)
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    out = np.empty((len(frames), height, width, 3), np.uint8)
+    # One frame at a time: the same pixels as the whole clip in one call (each frame is resized alone either way),
+    # 1.8x faster, since the float copy of one frame stays in cache (measured: 9 vs 16 ms a 640x360 frame to
+    # 644x364, one thread).
+    for i in range(len(frames)):
+        one = video[i : i + 1].to(torch.float32)
+        one = interpolate(one, size=[height, width], mode="bicubic", align_corners=False, antialias=True)
+        out[i] = one.clamp_(0, 255).round_().to(torch.uint8)[0].permute(1, 2, 0).numpy()
+    return out
+
+
+def decode_planned(
+    path: str, indices: list[int], targets: Targets, threads: int = 1, resize: str = "exact"
+) -> np.ndarray:
+    """Frames ``indices`` of ``path`` at their ``targets`` size, resized exactly or (``fast``) by swscale: uint8
+    (T, H, W, 3)."""
+    frames, to_rgb = decode_rgb(path, indices, targets, threads, scale=resize == "fast")
+    return frames if resize == "fast" else resize_like_qwen(frames, *to_rgb.target, threads)
+
+
+def fast_resize_error(path: str, index: int, fast_first: np.ndarray) -> dict:
+    """How far ``fast_first`` (the fast resize of frame ``index``) is from the exact resize of that frame: the sum
+    and count of absolute differences (for a mean over many videos) and the largest one."""
+    size = fast_first.shape[:2]
+    exact = decode_planned(path, [index], Targets(size, size))[0]
+    diff = np.abs(exact.astype(np.int16) - fast_first.astype(np.int16))
+    return {"abs_diff_sum": int(diff.sum()), "values": int(diff.size), "max_diff": int(diff.max(initial=0))}

@@ -1,0 +1,89 @@
+"""PyAV's decode of the sampled frames, skipping the unsampled non-reference ones, against the ffmpeg command line
+decoding every frame (an independent reference): bit for bit, upright, and damaged files as rejects."""
+
+import subprocess
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+
+from stages.decode.video_frames import DecodeError, Targets, decode_planned, decode_rgb
+
+FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
+SIZE = (96, 160)  # (height, width) as coded
+
+
+def ffmpeg_cli(*args: str) -> bytes:
+    return subprocess.run([FFMPEG, "-v", "error", "-y", *args], check=True, capture_output=True).stdout
+
+
+def every_frame(path: Path, height: int, width: int, *vf: str) -> np.ndarray:
+    """All frames as the command line shows them (autorotated), in RGB: uint8 (N, H, W, 3)."""
+    raw = ffmpeg_cli("-i", str(path), *vf, "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24", "-")
+    return np.frombuffer(raw, np.uint8).reshape(-1, height, width, 3)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    """A 90-frame x264 clip with B-frames (pyramid on: some B-frames are references, some not), and the same
+    stream with display rotations and flips."""
+    folder = tmp_path_factory.mktemp("clips")
+    source = ["-f", "lavfi", "-i", f"testsrc2=duration=3:size={SIZE[1]}x{SIZE[0]}:rate=30"]
+    x264 = ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-x264-params", "bframes=3:b-pyramid=normal:keyint=40"]
+    ffmpeg_cli(*source, *x264, str(folder / "plain.mp4"))
+    for name, display in ROTATIONS.items():
+        ffmpeg_cli(*display, "-i", str(folder / "plain.mp4"), "-c", "copy", str(folder / f"{name}.mp4"))
+    return folder
+
+
+ROTATIONS = {
+    "rot90": ["-display_rotation", "90"],
+    "rot270_hflip": ["-display_rotation", "270", "-display_hflip"],
+    "rot180_vflip": ["-display_rotation", "180", "-display_vflip"],
+    "vflip": ["-display_vflip"],
+}
+SAMPLES = [[0, 7, 15, 22, 30, 37, 45, 52, 60, 67, 75, 89], [1, 2, 3, 89, 41], [45]]
+
+
+@pytest.mark.parametrize("indices", SAMPLES, ids=["spread", "unordered", "one"])
+def test_sampled_frames_equal_the_command_line_decoding_every_frame(clips, indices):
+    reference = every_frame(clips / "plain.mp4", *SIZE)
+    frames, to_rgb = decode_rgb(str(clips / "plain.mp4"), indices, Targets(SIZE, SIZE[::-1]))
+    assert to_rgb.shown == SIZE
+    assert np.array_equal(frames, reference[indices])
+
+
+@pytest.mark.parametrize("name", ROTATIONS)
+def test_rotated_and_flipped_videos_are_shown_as_the_command_line_shows_them(clips, name):
+    shown = SIZE[::-1] if "90" in name or "270" in name else SIZE
+    reference = every_frame(clips / f"{name}.mp4", *shown)
+    frames, to_rgb = decode_rgb(str(clips / f"{name}.mp4"), [3, 50], Targets(SIZE, SIZE[::-1]))
+    assert to_rgb.shown == shown
+    assert np.array_equal(frames, reference[[3, 50]])
+
+
+def test_fast_resize_equals_the_command_line_scaling_in_rgb(clips):
+    """The fast path's filter graph is the command line's: autorotate, RGB, then swscale's Catmull-Rom bicubic;
+    the target follows the rotation."""
+    scale = ["-vf", "format=rgb24,scale=84:140:flags=bicubic:param0=0:param1=0.5"]
+    reference = every_frame(clips / "rot90.mp4", 140, 84, *scale)
+    frames = decode_planned(str(clips / "rot90.mp4"), [10, 80], Targets((84, 140), (140, 84)), resize="fast")
+    assert np.array_equal(frames, reference[[10, 80]])
+
+
+def test_a_cut_file_keeps_its_frames_and_rejects_the_missing_ones(clips, tmp_path):
+    """A file cut in half (its index first, so the cut keeps it) decodes the frames it still has, and a sampled
+    frame past the cut is a truncated_video reject."""
+    whole = (clips / "plain.mp4").read_bytes()
+    cut = tmp_path / "cut.mp4"
+    faststart = tmp_path / "faststart.mp4"
+    ffmpeg_cli("-i", str(clips / "plain.mp4"), "-c", "copy", "-movflags", "+faststart", str(faststart))
+    cut.write_bytes(faststart.read_bytes()[: len(whole) // 2])
+    reference = every_frame(clips / "plain.mp4", *SIZE)
+    frames, _ = decode_rgb(str(cut), [0, 10], Targets(SIZE, SIZE))
+    assert np.array_equal(frames, reference[[0, 10]])
+    with pytest.raises(DecodeError) as error:
+        decode_rgb(str(cut), [0, 10, 85], Targets(SIZE, SIZE))
+    assert error.value.reason == "truncated_video"
+    assert "decoded 2 of the 3 sampled frames (first missing: frame 85)" in error.value.detail
