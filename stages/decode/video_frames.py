@@ -12,6 +12,7 @@ pipeline; ``decode.resize: fast`` lets swscale scale instead (bicubic in RGB, in
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -111,58 +112,108 @@ def frame_times(path: str) -> tuple[list[int] | None, str | None]:
     return sorted(times), error
 
 
-def decode_rgb(
-    path: str, indices: list[int], targets: Targets, threads: int = 1, scale: bool = False
-) -> tuple[np.ndarray, RgbFilter]:
-    """Frames ``indices`` (presentation order, from 0) of ``path`` as uint8 (T, H, W, 3), upright, at their
-    shown size or (``scale``) scaled by swscale to ``targets``; and the filter that made them (its shown size
-    and target)."""
-    wanted_numbers = set(indices)
-    times, first_error = frame_times(path)
-    if times is not None:
-        wanted_times = {times[i]: i for i in wanted_numbers if i < len(times)}
-    got: dict[int, np.ndarray] = {}
+# Codecs whose decoders skip (AVDISCARD_NONREF) only frames no other frame refers to, checked against the CLI
+# decoding every frame (H.264, MPEG-1/2, VP8, VP9; HEVC only with one temporal layer: a non-reference NAL type
+# of a lower layer can still be referred to by a higher one). Not AV1: dav1d reads skip_frame once, when it opens.
+SKIP_SAFE_CODECS = {"h264", "mpeg1video", "mpeg2video", "vp8", "vp9"}
+
+
+def skips_safely(stream: av.video.stream.VideoStream) -> bool:
+    """Whether the decoder of ``stream`` may skip the non-reference frames that are not sampled."""
+    name = stream.codec_context.name
+    if name == "hevc":  # hvcC: numTemporalLayers in bits 3-5 of byte 21
+        extradata = stream.codec_context.extradata or b""
+        return len(extradata) > 21 and extradata[0] == 1 and (extradata[21] >> 3) & 7 == 1
+    return name in SKIP_SAFE_CODECS
+
+
+class _Renumber(Exception):
+    """The decoder's timestamps do not follow presentation order (AVI stores decode order): number by output."""
+
+
+@dataclass
+class _Pass:
+    """One decoding pass over a file, collecting the sampled frames."""
+
+    got: dict
     to_rgb: RgbFilter | None = None
-    count = 0  # frames out of the decoder, numbering them where the timestamps do not
+    first_error: str | None = None
+
+
+def _decode_pass(
+    path: str, wanted: set[int], times: list[int] | None, targets: Targets, threads: int, scale: bool
+) -> _Pass:
+    """Decode ``path``, keeping frames ``wanted`` (numbered by ``times`` where given, else in output order)."""
+    wanted_times = {times[i]: i for i in wanted if i < len(times)} if times is not None else {}
+    known_times = set(times or ())
+    done = _Pass({})
+    count, last_time = 0, None  # frames out of the decoder; the last one's timestamp
+
+    def keep(frames) -> None:
+        nonlocal count, last_time
+        for frame in frames:
+            if times is not None:
+                if frame.pts not in known_times or (last_time is not None and frame.pts <= last_time):
+                    raise _Renumber
+                last_time = frame.pts
+            number = count if times is None else wanted_times.get(frame.pts)
+            count += 1
+            if number in wanted and number not in done.got:
+                done.to_rgb = done.to_rgb or RgbFilter(frame, targets, scale)
+                done.got[number] = done.to_rgb(frame)
+
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_count = threads
         if threads > 1:
             stream.thread_type = "AUTO"
         codec = stream.codec_context
+        may_skip = times is not None and skips_safely(stream)
         packets = container.demux(stream)
-        while True:
+        while len(done.got) < len(wanted):
             try:
                 packet = next(packets)
             except StopIteration:
                 break
             except av.FFmpegError as exc:  # a damaged or cut file: keep what was read, as the CLI does
-                first_error = first_error or str(exc)
+                done.first_error = done.first_error or str(exc)
                 break
-            skip = times is not None and packet.pts is not None and packet.pts not in wanted_times
+            skip = may_skip and packet.pts is not None and packet.pts not in wanted_times
             codec.skip_frame = "NONREF" if skip else "DEFAULT"
             try:
-                frames = codec.decode(packet)
+                keep(codec.decode(packet))
             except av.FFmpegError as exc:  # a damaged packet: the decoder goes on with the next, as the CLI does
-                first_error = first_error or str(exc)
-                continue
-            for frame in frames:
-                number = count if times is None else wanted_times.get(frame.pts)
-                count += 1
-                if number is None or number not in wanted_numbers or number in got:
-                    continue
-                to_rgb = to_rgb or RgbFilter(frame, targets, scale)
-                got[number] = to_rgb(frame)
-            if len(got) == len(wanted_numbers):  # the rest of the file is not needed
-                break
-    if len(got) < len(wanted_numbers):
-        missing = sorted(wanted_numbers - got.keys())
-        raise DecodeError(
-            "truncated_video",
-            f"decoded {len(got)} of the {len(wanted_numbers)} sampled frames (first missing: frame {missing[0]})"
-            f"{': ' + first_error if first_error else ''}",
-        )
-    return np.stack([got[i] for i in indices]), to_rgb
+                done.first_error = done.first_error or str(exc)
+        if len(done.got) < len(wanted):  # drain what the decoder still holds (a cut file ends without a flush)
+            with contextlib.suppress(EOFError, av.FFmpegError):
+                keep(codec.decode(None))
+    return done
+
+
+def decode_rgb(
+    path: str, indices: list[int], targets: Targets, threads: int = 1, scale: bool = False
+) -> tuple[np.ndarray, RgbFilter]:
+    """Frames ``indices`` (presentation order, from 0) of ``path`` as uint8 (T, H, W, 3), upright, at their
+    shown size or (``scale``) scaled by swscale to ``targets``; and the filter that made them (its shown size
+    and target). A file whose frames do not all come out is decoded again on one thread (frame threads can
+    drop a damaged file's last frames) before its missing frames make it a ``truncated_video``."""
+    wanted = set(indices)
+    times, first_error = frame_times(path)
+    for pass_threads in dict.fromkeys((threads, 1)):
+        try:
+            done = _decode_pass(path, wanted, times, targets, pass_threads, scale)
+        except _Renumber:
+            times = None
+            done = _decode_pass(path, wanted, None, targets, pass_threads, scale)
+        if len(done.got) == len(wanted):
+            return np.stack([done.got[i] for i in indices]), done.to_rgb
+    missing = sorted(wanted - done.got.keys())
+    error = first_error or done.first_error
+    raise DecodeError(
+        "truncated_video",
+        f"decoded {len(done.got)} of the {len(wanted)} sampled frames (first missing: frame {missing[0]})"
+        f"{': ' + error if error else ''}",
+    )
 
 
 def resize_like_qwen(frames: np.ndarray, height: int, width: int, threads: int | None = None) -> np.ndarray:

@@ -27,11 +27,12 @@ def every_frame(path: Path, height: int, width: int, *vf: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> Path:
     """A 90-frame x264 clip with B-frames (pyramid on: some B-frames are references, some not), and the same
-    stream with display rotations and flips."""
+    stream with display rotations and flips, and in AVI."""
     folder = tmp_path_factory.mktemp("clips")
     source = ["-f", "lavfi", "-i", f"testsrc2=duration=3:size={SIZE[1]}x{SIZE[0]}:rate=30"]
     x264 = ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-x264-params", "bframes=3:b-pyramid=normal:keyint=40"]
     ffmpeg_cli(*source, *x264, str(folder / "plain.mp4"))
+    ffmpeg_cli("-i", str(folder / "plain.mp4"), "-c", "copy", str(folder / "plain.avi"))
     for name, display in ROTATIONS.items():
         ffmpeg_cli(*display, "-i", str(folder / "plain.mp4"), "-c", "copy", str(folder / f"{name}.mp4"))
     return folder
@@ -51,6 +52,15 @@ def test_sampled_frames_equal_the_command_line_decoding_every_frame(clips, indic
     reference = every_frame(clips / "plain.mp4", *SIZE)
     frames, to_rgb = decode_rgb(str(clips / "plain.mp4"), indices, Targets(SIZE, SIZE[::-1]))
     assert to_rgb.shown == SIZE
+    assert np.array_equal(frames, reference[indices])
+
+
+@pytest.mark.parametrize("indices", SAMPLES[:2], ids=["spread", "unordered"])
+def test_a_container_storing_decode_order_timestamps_is_numbered_by_output(clips, indices):
+    """AVI gives H.264 packets decode-order timestamps, so their rank is not the frame number: the decoder's
+    out-of-order timestamps are noticed and the file is decoded again, numbered in output order, as the CLI's."""
+    reference = every_frame(clips / "plain.avi", *SIZE)
+    frames, _ = decode_rgb(str(clips / "plain.avi"), indices, Targets(SIZE, SIZE[::-1]))
     assert np.array_equal(frames, reference[indices])
 
 
@@ -87,3 +97,15 @@ def test_a_cut_file_keeps_its_frames_and_rejects_the_missing_ones(clips, tmp_pat
         decode_rgb(str(cut), [0, 10, 85], Targets(SIZE, SIZE))
     assert error.value.reason == "truncated_video"
     assert "decoded 2 of the 3 sampled frames (first missing: frame 85)" in error.value.detail
+
+
+def test_av1_samples_come_out_whichever_frame_comes_first(tmp_path):
+    """dav1d reads skip_frame once, when it opens: AV1 is decoded without skipping (else every unsampled
+    non-reference frame of the file is dropped, sampled ones included, when frame 0 is not sampled)."""
+    path = tmp_path / "av1.mkv"
+    ffmpeg_cli("-f", "lavfi", "-i", "testsrc2=duration=1:size=160x96:rate=30", "-c:v", "libsvtav1", "-preset", "12",
+               str(path))  # fmt: skip
+    reference = every_frame(path, *SIZE)
+    indices = list(range(1, len(reference), 4))
+    frames, _ = decode_rgb(str(path), indices, Targets(SIZE, SIZE[::-1]))
+    assert np.array_equal(frames, reference[indices])
