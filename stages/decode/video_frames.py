@@ -253,8 +253,10 @@ def decode_planned(
 
 def fast_resize_error(path: str, index: int, fast_first: np.ndarray) -> dict:
     """How far ``fast_first`` (the fast resize of frame ``index``) is from the exact resize of that frame: the sum
-    and count of absolute differences (for a mean over many videos) and the largest one."""
+    and count of absolute differences (for a mean over many videos) and the largest one. Runs in the stage
+    process: torch keeps its threads there."""
     size = fast_first.shape[:2]
-    exact = decode_planned(path, [index], Targets(size, size))[0]
+    frames, _ = decode_rgb(path, [index], Targets(size, size))
+    exact = resize_like_qwen(frames, *size)[0]
     diff = np.abs(exact.astype(np.int16) - fast_first.astype(np.int16))
     return {"abs_diff_sum": int(diff.sum()), "values": int(diff.size), "max_diff": int(diff.max(initial=0))}
