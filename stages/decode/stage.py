@@ -25,7 +25,7 @@ from schemas.tables import DECODE_REJECTS_SCHEMA, FRAME_INDEX_SCHEMA
 from stages.decode.sampling import SamplingOptions, plan_frames, resize_for, video_key
 from stages.decode.shards import INDEX_ARROW, INDEX_FILE, ShardWriter
 from stages.decode.video_frames import DecodeError, Targets, fast_resize_error
-from stages.decode.worker import FrameListTask, VideoTask, decode_task
+from stages.decode.worker import FrameListTask, VideoTask, decode_task, limit_torch_threads
 from stages.executor import map_chunks
 from stages.families import family
 from stages.io import atomic_dir, relative_to_root, write_json
@@ -244,9 +244,16 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
     rejected, frames_total, raw_bytes = [], 0, 0
     with atomic_dir(root / OUT_DIR) as tmp, IndexWriter(tmp) as index:
         writer = ShardWriter(tmp, params.decode.shard_target_mb * 1024 * 1024)
-        preload = ("stages.decode.worker", *(("torch",) if resize == "exact" else ()))
+        exact = resize == "exact"
         results = map_chunks(
-            decode_task, tasks, workers=workers, config=params.orchestration, name="decode", preload=preload
+            decode_task,
+            tasks,
+            workers=workers,
+            config=params.orchestration,
+            name="decode",
+            init=limit_torch_threads if exact else None,
+            init_args=(threads,),
+            preload=("stages.decode.worker", *(("torch",) if exact else ())),
         )
         for i, (job, result) in enumerate(
             tqdm(zip(jobs, results, strict=True), total=len(jobs), desc="decode", unit="video", disable=None)

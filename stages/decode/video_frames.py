@@ -216,17 +216,13 @@ def decode_rgb(
     )
 
 
-def resize_like_qwen(frames: np.ndarray, height: int, width: int, threads: int | None = None) -> np.ndarray:
+def resize_like_qwen(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     """Qwen's resize of uint8 (T, H, W, 3): torchvision's ``resize(BICUBIC, antialias=True)`` on uint8, written as
     the torch calls it makes (float32, interpolate, clamp, round, uint8), so a decode worker imports torch but not
     torchvision (2.9 s of start-up a worker, measured). tests/stages/test_decode_worker.py holds it equal to
-    torchvision's call. ``threads``: torch's threads in this process (a worker's share of the cores: torch
-    would take them all in every worker)."""
+    torchvision's call."""
     import torch
     from torch.nn.functional import interpolate
-
-    if threads:
-        torch.set_num_threads(threads)
 
     if frames.shape[1:3] == (height, width):
         return np.ascontiguousarray(frames)
@@ -248,15 +244,13 @@ def decode_planned(
     """Frames ``indices`` of ``path`` at their ``targets`` size, resized exactly or (``fast``) by swscale: uint8
     (T, H, W, 3)."""
     frames, to_rgb = decode_rgb(path, indices, targets, threads, scale=resize == "fast")
-    return frames if resize == "fast" else resize_like_qwen(frames, *to_rgb.target, threads)
+    return frames if resize == "fast" else resize_like_qwen(frames, *to_rgb.target)
 
 
 def fast_resize_error(path: str, index: int, fast_first: np.ndarray) -> dict:
     """How far ``fast_first`` (the fast resize of frame ``index``) is from the exact resize of that frame: the sum
-    and count of absolute differences (for a mean over many videos) and the largest one. Runs in the stage
-    process: torch keeps its threads there."""
+    and count of absolute differences (for a mean over many videos) and the largest one."""
     size = fast_first.shape[:2]
-    frames, _ = decode_rgb(path, [index], Targets(size, size))
-    exact = resize_like_qwen(frames, *size)[0]
+    exact = decode_planned(path, [index], Targets(size, size))[0]
     diff = np.abs(exact.astype(np.int16) - fast_first.astype(np.int16))
     return {"abs_diff_sum": int(diff.sum()), "values": int(diff.size), "max_diff": int(diff.max(initial=0))}

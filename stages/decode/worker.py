@@ -43,6 +43,14 @@ class Decoded:
     fields: dict = field(default_factory=dict)  # index fields
 
 
+def limit_torch_threads(threads: int) -> None:
+    """A worker's start (exact resize): torch keeps to the worker's share of the cores, where it would take them
+    all in every worker."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def decode_task(task: VideoTask | FrameListTask | DecodeError) -> Decoded | DecodeError:
     """The task's frames, or a DecodeError (one the stage met while planning passes through unchanged)."""
     if isinstance(task, DecodeError):
