@@ -45,9 +45,15 @@ def map_chunks(
         return map_on_dask(
             fn, chunks, address=config.dask_address, workers=workers, name=name, init=init, init_args=init_args
         )
-    if workers <= 1:
+    if not in_local_pool(workers, config):
         return _in_process(fn, chunks, init, init_args)
     return _pool(fn, chunks, workers, init, init_args, preload)
+
+
+def in_local_pool(workers: int, config: OrchestrationConfig) -> bool:
+    """Whether ``map_chunks`` runs the chunks in worker processes on this machine (not in this process, not on
+    Dask): workers that see this process's files."""
+    return config.task_runner != "dask" and workers > 1
 
 
 def _in_process(fn, chunks, init, init_args) -> Iterator:

@@ -10,6 +10,7 @@ it; the other videos go on.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from stages.decode.sampling import SamplingOptions, plan_frames, resize_for, vid
 from stages.decode.shards import INDEX_ARROW, INDEX_FILE, ShardWriter
 from stages.decode.video_frames import DecodeError, Targets, fast_resize_error
 from stages.decode.worker import FrameListTask, VideoTask, decode_task, limit_torch_threads
-from stages.executor import map_chunks
+from stages.executor import in_local_pool, map_chunks
 from stages.families import family
 from stages.io import atomic_dir, relative_to_root, write_json
 
@@ -78,12 +79,19 @@ def collect_jobs(root: Path, options: SamplingOptions) -> list[VideoJob]:
 
 
 def plan_task(
-    job: VideoJob, options: SamplingOptions, patch_size: int, root: Path, threads: int, resize: str
+    job: VideoJob,
+    options: SamplingOptions,
+    patch_size: int,
+    root: Path,
+    threads: int,
+    resize: str,
+    spool: str | None = None,
 ) -> VideoTask | FrameListTask | DecodeError:
-    """What a worker decodes for ``job``: its frames and sizes planned here, or the error that stops the plan."""
+    """What a worker decodes for ``job``: its frames and sizes planned here, or the error that stops the plan.
+    With ``spool`` the worker hands the frames back through that file (see worker.Decoded)."""
     if job.frame_paths:
         paths = tuple(str(root / p) for p in job.frame_paths)
-        return FrameListTask(paths, options.element(), patch_size)
+        return FrameListTask(paths, options.element(), patch_size, spool)
     try:
         plan = plan_frames(
             job.src_frames, job.src_fps, job.src_height, job.src_width, options, job.video_start, job.video_end
@@ -98,7 +106,7 @@ def plan_task(
         "fps_sampled": plan.fps_sampled,
     }
     targets = Targets((plan.height, plan.width), resize_for(len(plan.indices), job.src_width, job.src_height, options))
-    return VideoTask(str(root / job.path), tuple(plan.indices), targets, fields, threads, resize)
+    return VideoTask(str(root / job.path), tuple(plan.indices), targets, fields, threads, resize, spool)
 
 
 class IndexWriter:
@@ -240,9 +248,15 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
     workers = params.decode.workers or os.cpu_count() or 1
     threads = max(1, (os.cpu_count() or 1) // workers)
     project = root.resolve()
-    tasks = (plan_task(job, options, fam.patch_size, project, threads, resize) for job in jobs)
     rejected, frames_total, raw_bytes = [], 0, 0
     with atomic_dir(root / OUT_DIR) as tmp, IndexWriter(tmp) as index:
+        spool = tmp / ".spool" if in_local_pool(workers, params.orchestration) else None
+        if spool:
+            spool.mkdir()
+        tasks = (
+            plan_task(job, options, fam.patch_size, project, threads, resize, spool and str(spool / f"{i}.rgb"))
+            for i, job in enumerate(jobs)  # by position: two files of the same content are two jobs of one key
+        )
         writer = ShardWriter(tmp, params.decode.shard_target_mb * 1024 * 1024)
         exact = resize == "exact"
         results = map_chunks(
@@ -261,7 +275,7 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
             if isinstance(result, DecodeError):
                 rejected.append((job, result))
                 continue
-            frames, fields = result.frames, result.fields
+            frames, fields = result.take_frames(), result.fields
             if check and job.path and i % FAST_CHECK_EVERY == 0:
                 check.measure(str(project / job.path), fields["frames_indices"][0], frames[0])
             shard, group = writer.add(job.key, frames)
@@ -284,6 +298,8 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
                 }
             )
         writer.close()
+        if spool:
+            shutil.rmtree(spool)  # empty: each result's file went when it was read
         rejects = rejects_table(root, rejected)
         pq.write_table(rejects, tmp / "rejects.parquet")
     excluded = len(set(rejects.column("sample_ids").combine_chunks().flatten().to_pylist()))

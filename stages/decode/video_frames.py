@@ -226,16 +226,17 @@ def resize_like_qwen(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
     if frames.shape[1:3] == (height, width):
         return np.ascontiguousarray(frames)
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
-    out = np.empty((len(frames), height, width, 3), np.uint8)
-    # One frame at a time: the same pixels as the whole clip in one call (each frame is resized alone either way),
-    # 1.8x faster, since the float copy of one frame stays in cache (measured: 9 vs 16 ms a 640x360 frame to
-    # 644x364, one thread).
+    video = torch.from_numpy(np.ascontiguousarray(frames))
+    out = torch.empty((len(frames), height, width, 3), dtype=torch.uint8)
+    # One frame at a time (each frame is resized alone either way; its float copy stays in cache: 1.8x faster than
+    # the clip in one call), in planar float (channels first in memory, where torchvision's call keeps the frames
+    # channels last): the same arithmetic on every pixel, 20% less time (0.21 vs 0.26 s a 40-frame 640x360 clip
+    # to 644x364, one thread, measured), since the uint8 -> float copy and the interpolation read memory in order.
     for i in range(len(frames)):
-        one = video[i : i + 1].to(torch.float32)
-        one = interpolate(one, size=[height, width], mode="bicubic", align_corners=False, antialias=True)
-        out[i] = one.clamp_(0, 255).round_().to(torch.uint8)[0].permute(1, 2, 0).numpy()
-    return out
+        one = video[i].permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+        one = interpolate(one[None], size=[height, width], mode="bicubic", align_corners=False, antialias=True)
+        out[i].permute(2, 0, 1).copy_(one[0].clamp_(0, 255).round_())  # copy_ to uint8 truncates: already whole
+    return out.numpy()
 
 
 def decode_planned(

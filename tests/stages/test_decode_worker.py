@@ -17,7 +17,14 @@ from tests.stages.test_decode import make_clip
 
 @pytest.mark.parametrize(
     "size, target",
-    [((360, 640), (364, 644)), ((720, 1280), (252, 448)), ((97, 131), (196, 252)), ((240, 320), (240, 448))],
+    [
+        ((360, 640), (364, 644)),
+        ((720, 1280), (252, 448)),
+        ((1080, 1920), (448, 812)),
+        ((97, 131), (196, 252)),
+        ((240, 320), (240, 448)),
+        ((480, 270), (476, 280)),
+    ],
 )
 def test_resize_equals_torchvision_bit_for_bit(size, target):
     """The call fetch_video makes (torchvision, uint8 in and out) on random frames: every value equal, downscale,
@@ -57,3 +64,18 @@ def test_a_video_pyav_cannot_read_is_a_decode_error(tmp_path):
     result = decode_task(VideoTask(str(tmp_path / "bad.mp4"), (0,), Targets((112, 196), (196, 112)), {}))
     assert isinstance(result, DecodeError) and result.reason == "decode_error"
     assert result.detail.startswith("InvalidDataError: ")
+
+
+def test_frames_come_back_through_a_spool_file_or_the_pipe_where_it_cannot_be_written(tmp_path):
+    """A local pool's worker writes the frames to the stage's spool file; the stage maps them back and the file is
+    gone. A file that cannot be written (here: its folder is missing, as on a full disk) leaves the frames in the
+    result, so the video is still decoded, not lost."""
+    from stages.decode.worker import Decoded
+
+    frames = np.random.default_rng(1).integers(0, 256, (4, 6, 10, 3), dtype=np.uint8)
+    spooled = Decoded(frames.copy(), {"nframes": 4}).spooled(str(tmp_path / "0.rgb"))
+    assert spooled.frames is None and (tmp_path / "0.rgb").stat().st_size == frames.nbytes
+    assert np.array_equal(spooled.take_frames(), frames) and not (tmp_path / "0.rgb").exists()
+    assert spooled.fields == {"nframes": 4}
+    kept = Decoded(frames.copy(), {}).spooled(str(tmp_path / "missing" / "1.rgb"))
+    assert kept.spool is None and np.array_equal(kept.take_frames(), frames)
