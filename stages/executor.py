@@ -8,10 +8,13 @@ themselves never import Prefect.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from schemas.params import OrchestrationConfig
@@ -30,12 +33,15 @@ def map_chunks(
     init: Callable[..., None] | None = None,
     init_args: tuple[Any, ...] = (),
     preload: tuple[str, ...] = (),
+    start_here: bool = False,
 ) -> Iterator[R]:
     """``fn`` over ``chunks``, results in chunk order. ``init(*init_args)`` runs once per worker process before
     its first chunk (in this process when ``workers`` is 1). ``fn``, ``init`` and the chunks must pickle, and
     ``fn`` / ``init`` must be module-level functions (or partials of them) importable by the workers. Locally,
     ``chunks`` is read only a little ahead of the results; Dask gets them all at once (a list). ``preload``:
-    modules the local pool's workers need, imported once for all of them (see ``_pool``)."""
+    modules the local pool's workers need, imported once for all of them (see ``_pool``). ``start_here``: while
+    the local pool's workers start, this process runs the first chunks itself (after ``init``; see
+    ``_while_workers_start``)."""
     if config.task_runner == "dask":
         chunks = list(chunks)
         if not chunks:
@@ -47,7 +53,7 @@ def map_chunks(
         )
     if not in_local_pool(workers, config):
         return _in_process(fn, chunks, init, init_args)
-    return _pool(fn, chunks, workers, init, init_args, preload)
+    return _pool(fn, chunks, workers, init, init_args, preload, start_here)
 
 
 def in_local_pool(workers: int, config: OrchestrationConfig) -> bool:
@@ -63,7 +69,7 @@ def _in_process(fn, chunks, init, init_args) -> Iterator:
     return map(fn, chunks)
 
 
-def _pool(fn, chunks, workers, init, init_args, preload) -> Iterator:
+def _pool(fn, chunks, workers, init, init_args, preload, start_here) -> Iterator:
     """A forkserver pool (forking a parent that runs torch threads can deadlock); shut down once exhausted.
     At most two chunks per worker are in flight: Executor.map (Python 3.11) would read every chunk first.
     The forkserver imports ``preload`` before it forks the workers, so N workers pay one import, not N (torch:
@@ -72,10 +78,50 @@ def _pool(fn, chunks, workers, init, init_args, preload) -> Iterator:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["__main__", *preload])
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init, initargs=init_args) as pool:
-        in_flight: deque = deque()
+        chunks, in_flight = iter(chunks), deque()
+        if start_here:
+            yield from _while_workers_start(pool, workers, fn, chunks, in_flight, init, init_args)
         for chunk in chunks:
             in_flight.append(pool.submit(fn, chunk))
             if len(in_flight) >= 2 * workers:
                 yield in_flight.popleft().result()
         while in_flight:
             yield in_flight.popleft().result()
+
+
+def _while_workers_start(pool, workers, fn, chunks: Iterator, in_flight: deque, init, init_args) -> Iterator:
+    """Run chunks in this process, in order, until ``pool``'s workers are up. A worker starts only once the
+    forkserver has imported the preloads (torch: 1.6 s here), and this process would wait with a core idle. Once
+    the workers are up, the starting thread hands them the next chunks at once (into ``in_flight``), so they do
+    not wait for the chunk still running here."""
+    lock, up, failed = threading.Lock(), threading.Event(), []
+
+    def start_workers() -> None:
+        try:  # a submit starts at most one worker; each runs a trivial task once it is up
+            for started in [pool.submit(int) for _ in range(workers)]:
+                started.result()
+        except (BrokenProcessPool, RuntimeError) as exc:
+            failed.append(exc)
+        with lock:  # the next chunks and "up" together: none is taken here after these
+            try:
+                for chunk in itertools.islice(chunks, 0 if failed else 2 * workers):
+                    in_flight.append(pool.submit(fn, chunk))
+            except (BrokenProcessPool, RuntimeError) as exc:
+                failed.append(exc)
+            up.set()
+
+    threading.Thread(target=start_workers, name="pool-start", daemon=True).start()
+    if init is not None:
+        init(*init_args)
+    while True:
+        with lock:
+            chunk = _END if up.is_set() else next(chunks, _END)
+        if chunk is _END:
+            break
+        yield fn(chunk)
+    up.wait()
+    if failed:  # the pool could not start (a preload that fails to import, a killed worker)
+        raise failed[0]
+
+
+_END = object()

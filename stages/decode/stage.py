@@ -268,6 +268,7 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
             init=limit_torch_threads if exact else None,
             init_args=(threads,),
             preload=("stages.decode.worker", *(("torch",) if exact else ())),
+            start_here=True,  # this process has the worker's modules already (torch with qwen-vl-utils)
         )
         for i, (job, result) in enumerate(
             tqdm(zip(jobs, results, strict=True), total=len(jobs), desc="decode", unit="video", disable=None)

@@ -226,16 +226,22 @@ def resize_like_qwen(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
     if frames.shape[1:3] == (height, width):
         return np.ascontiguousarray(frames)
-    video = torch.from_numpy(np.ascontiguousarray(frames))
     out = torch.empty((len(frames), height, width, 3), dtype=torch.uint8)
+    one = np.empty(frames.shape[1:], np.float32)  # a frame in float, channels last like torchvision's call
     # One frame at a time (each frame is resized alone either way; its float copy stays in cache: 1.8x faster than
-    # the clip in one call), in planar float (channels first in memory, where torchvision's call keeps the frames
-    # channels last): the same arithmetic on every pixel, 20% less time (0.21 vs 0.26 s a 40-frame 640x360 clip
-    # to 644x364, one thread, measured), since the uint8 -> float copy and the interpolation read memory in order.
+    # the clip in one call), the float copy made by numpy into one buffer and the result written channels last in
+    # one pass: 0.21 vs 0.26 s a 40-frame 640x360 clip to 644x364 (one thread, measured), where torch's own
+    # uint8 -> float copy of a channels-last view took 1.5 ms a frame.
     for i in range(len(frames)):
-        one = video[i].permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
-        one = interpolate(one[None], size=[height, width], mode="bicubic", align_corners=False, antialias=True)
-        out[i].permute(2, 0, 1).copy_(one[0].clamp_(0, 255).round_())  # copy_ to uint8 truncates: already whole
+        np.copyto(one, frames[i])
+        resized = interpolate(
+            torch.from_numpy(one).permute(2, 0, 1)[None],
+            size=[height, width],
+            mode="bicubic",
+            align_corners=False,
+            antialias=True,
+        )
+        out[i].copy_(resized[0].clamp_(0, 255).round_().permute(1, 2, 0))  # to uint8 truncates: already whole
     return out.numpy()
 
 

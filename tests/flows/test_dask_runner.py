@@ -2,9 +2,11 @@
 `dask scheduler` and `dask worker` on loopback, and a temporary local cluster, give the same output bytes as the
 local pool; a scheduler that does not answer is one clear error line."""
 
+import json
 import re
 import shutil
 import signal
+import subprocess
 import sys
 
 import pyarrow.parquet as pq
@@ -174,3 +176,27 @@ def test_local_pool_reads_the_chunks_only_a_little_ahead():
     results = map_chunks(_square, chunks(), workers=2, config=parse_params({}).orchestration, name="t")
     assert next(results) == 0 and len(pulled) <= 4
     assert list(results) == [x * x for x in range(1, 20)]
+
+
+def test_this_process_runs_the_first_chunks_while_the_pool_starts(tmp_path):
+    """start_here (decode): while the forkserver imports a slow preload (torch: seconds), the calling process runs
+    the first chunks itself, then the pool's workers take the rest; results stay in chunk order. In a fresh
+    interpreter, so the forkserver is this pool's own (a process's first pool sets the preloads)."""
+    (tmp_path / "slow_preload.py").write_text("import time\ntime.sleep(2.0)\n")
+    where = "import os, time\n\ndef where(x):\n    time.sleep(0.4)\n    return x, os.getpid()\n"
+    (tmp_path / "chunk_fn.py").write_text(where)
+    script = f"""
+import json, os, sys
+sys.path[:0] = [{str(tmp_path)!r}, {str(REPO)!r}]
+from chunk_fn import where
+from schemas.params import parse_params
+from stages.executor import map_chunks
+results = map_chunks(where, range(10), workers=2, config=parse_params({{}}).orchestration, name="t",
+                     preload=("slow_preload",), start_here=True)
+print(json.dumps({{"parent": os.getpid(), "results": list(results)}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True)
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [x for x, _ in out["results"]] == list(range(10))
+    here = [x for x, pid in out["results"] if pid == out["parent"]]
+    assert here and here == list(range(len(here))) and len(here) < 10  # the first ones here, the rest in workers
