@@ -14,7 +14,6 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from schemas.params import OrchestrationConfig
@@ -41,19 +40,19 @@ def map_chunks(
     ``chunks`` is read only a little ahead of the results; Dask gets them all at once (a list). ``preload``:
     modules the local pool's workers need, imported once for all of them (see ``_pool``). ``start_here``: while
     the local pool's workers start, this process runs the first chunks itself (after ``init``; see
-    ``_while_workers_start``)."""
+    ``_while_workers_start``). A generator: closing it early stops the pool (its running chunks finish first)."""
     if config.task_runner == "dask":
         chunks = list(chunks)
-        if not chunks:
-            return iter(())
-        from flows.dask_runner import map_on_dask
+        if chunks:
+            from flows.dask_runner import map_on_dask
 
-        return map_on_dask(
-            fn, chunks, address=config.dask_address, workers=workers, name=name, init=init, init_args=init_args
-        )
-    if not in_local_pool(workers, config):
-        return _in_process(fn, chunks, init, init_args)
-    return _pool(fn, chunks, workers, init, init_args, preload, start_here)
+            yield from map_on_dask(
+                fn, chunks, address=config.dask_address, workers=workers, name=name, init=init, init_args=init_args
+            )
+    elif in_local_pool(workers, config):
+        yield from _pool(fn, chunks, workers, init, init_args, preload, start_here)
+    else:
+        yield from _in_process(fn, chunks, init, init_args)
 
 
 def in_local_pool(workers: int, config: OrchestrationConfig) -> bool:
@@ -71,7 +70,7 @@ def _in_process(fn, chunks, init, init_args) -> Iterator:
 
 def _pool(fn, chunks, workers, init, init_args, preload, start_here) -> Iterator:
     """A forkserver pool (forking a parent that runs torch threads can deadlock); shut down once exhausted.
-    At most two chunks per worker are in flight: Executor.map (Python 3.11) would read every chunk first.
+    About two chunks per worker are in flight: Executor.map (Python 3.11) would read every chunk first.
     The forkserver imports ``preload`` before it forks the workers, so N workers pay one import, not N (torch:
     3.3-4 s of CPU each, measured; the forkserver starts no threads, so forking it is safe). It applies where
     this process starts its forkserver (its first pool), as a stage run by DVC or a flow does."""
@@ -92,35 +91,40 @@ def _pool(fn, chunks, workers, init, init_args, preload, start_here) -> Iterator
 def _while_workers_start(pool, workers, fn, chunks: Iterator, in_flight: deque, init, init_args) -> Iterator:
     """Run chunks in this process, in order, until ``pool``'s workers are up. A worker starts only once the
     forkserver has imported the preloads (torch: 1.6 s here), and this process would wait with a core idle. Once
-    the workers are up, the starting thread hands them the next chunks at once (into ``in_flight``), so they do
-    not wait for the chunk still running here."""
+    a worker is up, the starting thread hands the pool the next chunks at once (into ``in_flight``; those submits
+    start any worker not yet started), so the pool does not wait for the chunk still running here. ``init`` runs
+    here for these chunks and is undone after them where it returns an undo function."""
     lock, up, failed = threading.Lock(), threading.Event(), []
 
     def start_workers() -> None:
-        try:  # a submit starts at most one worker; each runs a trivial task once it is up
-            for started in [pool.submit(int) for _ in range(workers)]:
+        try:
+            for started in [pool.submit(int) for _ in range(workers)]:  # each submit may start one worker
                 started.result()
-        except (BrokenProcessPool, RuntimeError) as exc:
+        except BaseException as exc:  # a forkserver that died (EOFError), a broken pool: raised in the caller
             failed.append(exc)
         with lock:  # the next chunks and "up" together: none is taken here after these
             try:
                 for chunk in itertools.islice(chunks, 0 if failed else 2 * workers):
                     in_flight.append(pool.submit(fn, chunk))
-            except (BrokenProcessPool, RuntimeError) as exc:
+            except BaseException as exc:  # the chunks' own iterator may raise too
                 failed.append(exc)
-            up.set()
+            finally:
+                up.set()
 
     threading.Thread(target=start_workers, name="pool-start", daemon=True).start()
-    if init is not None:
-        init(*init_args)
-    while True:
-        with lock:
-            chunk = _END if up.is_set() else next(chunks, _END)
-        if chunk is _END:
-            break
-        yield fn(chunk)
+    undo = init(*init_args) if init is not None else None
+    try:
+        while True:
+            with lock:
+                chunk = _END if up.is_set() else next(chunks, _END)
+            if chunk is _END:
+                break
+            yield fn(chunk)
+    finally:
+        if callable(undo):
+            undo()
     up.wait()
-    if failed:  # the pool could not start (a preload that fails to import, a killed worker)
+    if failed:
         raise failed[0]
 
 

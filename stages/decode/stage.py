@@ -9,6 +9,7 @@ it; the other videos go on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -259,7 +260,7 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
         )
         writer = ShardWriter(tmp, params.decode.shard_target_mb * 1024 * 1024)
         exact = resize == "exact"
-        results = map_chunks(
+        results = map_chunks(  # closed on the way out, so no worker writes a spool file after the temp dir goes
             decode_task,
             tasks,
             workers=workers,
@@ -270,34 +271,35 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
             preload=("stages.decode.worker", *(("torch",) if exact else ())),
             start_here=True,  # this process has the worker's modules already (torch with qwen-vl-utils)
         )
-        for i, (job, result) in enumerate(
-            tqdm(zip(jobs, results, strict=True), total=len(jobs), desc="decode", unit="video", disable=None)
-        ):
-            if isinstance(result, DecodeError):
-                rejected.append((job, result))
-                continue
-            frames, fields = result.take_frames(), result.fields
-            if check and job.path and i % FAST_CHECK_EVERY == 0:
-                check.measure(str(project / job.path), fields["frames_indices"][0], frames[0])
-            shard, group = writer.add(job.key, frames)
-            frames_total += len(frames)
-            raw_bytes += frames.nbytes
-            index.add(
-                {
-                    "video_key": job.key,
-                    "sha256": job.sha256,
-                    "path": job.path or job.frame_paths[0],
-                    "is_frame_list": job.frame_paths is not None,
-                    "shard": shard,
-                    "row_group": group,
-                    "nframes": len(frames),
-                    "height": frames.shape[1],
-                    "width": frames.shape[2],
-                    "video_start": job.video_start,
-                    "video_end": job.video_end,
-                    **fields,
-                }
-            )
+        with contextlib.closing(results):
+            for i, (job, result) in enumerate(
+                tqdm(zip(jobs, results, strict=True), total=len(jobs), desc="decode", unit="video", disable=None)
+            ):
+                if isinstance(result, DecodeError):
+                    rejected.append((job, result))
+                    continue
+                frames, fields = result.take_frames(), result.fields
+                if check and job.path and i % FAST_CHECK_EVERY == 0:
+                    check.measure(str(project / job.path), fields["frames_indices"][0], frames[0])
+                shard, group = writer.add(job.key, frames)
+                frames_total += len(frames)
+                raw_bytes += frames.nbytes
+                index.add(
+                    {
+                        "video_key": job.key,
+                        "sha256": job.sha256,
+                        "path": job.path or job.frame_paths[0],
+                        "is_frame_list": job.frame_paths is not None,
+                        "shard": shard,
+                        "row_group": group,
+                        "nframes": len(frames),
+                        "height": frames.shape[1],
+                        "width": frames.shape[2],
+                        "video_start": job.video_start,
+                        "video_end": job.video_end,
+                        **fields,
+                    }
+                )
         writer.close()
         if spool:
             shutil.rmtree(spool)  # empty: each result's file went when it was read

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 
@@ -74,12 +76,14 @@ class Decoded:
         return frames
 
 
-def limit_torch_threads(threads: int) -> None:
+def limit_torch_threads(threads: int) -> Callable[[], None]:
     """A worker's start (exact resize): torch keeps to the worker's share of the cores, where it would take them
-    all in every worker."""
+    all in every worker. Returns what undoes it, for the stage process that decodes the first videos itself."""
     import torch
 
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    return partial(torch.set_num_threads, before)
 
 
 def decode_task(task: VideoTask | FrameListTask | DecodeError) -> Decoded | DecodeError:

@@ -178,12 +178,11 @@ def test_local_pool_reads_the_chunks_only_a_little_ahead():
     assert list(results) == [x * x for x in range(1, 20)]
 
 
-def test_this_process_runs_the_first_chunks_while_the_pool_starts(tmp_path):
-    """start_here (decode): while the forkserver imports a slow preload (torch: seconds), the calling process runs
-    the first chunks itself, then the pool's workers take the rest; results stay in chunk order. In a fresh
-    interpreter, so the forkserver is this pool's own (a process's first pool sets the preloads)."""
-    (tmp_path / "slow_preload.py").write_text("import time\ntime.sleep(2.0)\n")
-    where = "import os, time\n\ndef where(x):\n    time.sleep(0.4)\n    return x, os.getpid()\n"
+def _start_here(tmp_path, preload: str, chunks: int) -> subprocess.CompletedProcess:
+    """map_chunks(start_here=True) in a fresh interpreter (a process's first pool sets the forkserver's preloads),
+    preloading a module of source ``preload``; each chunk takes 0.2 s and says which process ran it."""
+    (tmp_path / "the_preload.py").write_text(preload)
+    where = "import os, time\n\ndef where(x):\n    time.sleep(0.2)\n    return x, os.getpid()\n"
     (tmp_path / "chunk_fn.py").write_text(where)
     script = f"""
 import json, os, sys
@@ -191,12 +190,25 @@ sys.path[:0] = [{str(tmp_path)!r}, {str(REPO)!r}]
 from chunk_fn import where
 from schemas.params import parse_params
 from stages.executor import map_chunks
-results = map_chunks(where, range(10), workers=2, config=parse_params({{}}).orchestration, name="t",
-                     preload=("slow_preload",), start_here=True)
+results = map_chunks(where, range({chunks}), workers=2, config=parse_params({{}}).orchestration, name="t",
+                     preload=("the_preload",), start_here=True)
 print(json.dumps({{"parent": os.getpid(), "results": list(results)}}))
 """
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True)
+    return subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+
+def test_this_process_runs_the_first_chunks_while_the_pool_starts(tmp_path):
+    """start_here (decode): while the forkserver imports a slow preload (torch: seconds), the calling process runs
+    the first chunks itself, then the pool's workers take the rest; results stay in chunk order."""
+    done = _start_here(tmp_path, "import time\ntime.sleep(2.0)\n", 40)
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert [x for x, _ in out["results"]] == list(range(10))
+    assert [x for x, _ in out["results"]] == list(range(40))
     here = [x for x, pid in out["results"] if pid == out["parent"]]
-    assert here and here == list(range(len(here))) and len(here) < 10  # the first ones here, the rest in workers
+    assert here and here == list(range(len(here))) and len(here) < 40  # the first ones here, the rest in workers
+
+
+def test_a_pool_that_cannot_start_is_an_error_not_a_hang(tmp_path):
+    """A preload that raises kills the forkserver: the caller gets the pool's error once its own chunks are done,
+    instead of waiting forever for workers that never come up."""
+    done = _start_here(tmp_path, "import time\ntime.sleep(0.5)\nraise RuntimeError('broken preload')\n", 6)
+    assert done.returncode != 0 and "Traceback" in done.stderr

@@ -79,3 +79,15 @@ def test_frames_come_back_through_a_spool_file_or_the_pipe_where_it_cannot_be_wr
     assert spooled.fields == {"nframes": 4}
     kept = Decoded(frames.copy(), {}).spooled(str(tmp_path / "missing" / "1.rgb"))
     assert kept.spool is None and np.array_equal(kept.take_frames(), frames)
+
+
+def test_the_worker_thread_limit_can_be_undone():
+    """The stage process decodes the first videos itself with the workers' thread limit, then gets its own back
+    (else everything it runs after, a benchmark's baseline included, would run on one thread)."""
+    from stages.decode.worker import limit_torch_threads
+
+    before = torch.get_num_threads()
+    undo = limit_torch_threads(1)
+    assert torch.get_num_threads() == 1
+    undo()
+    assert torch.get_num_threads() == before
