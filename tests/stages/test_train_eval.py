@@ -137,7 +137,7 @@ def test_load_best_model_at_end_keeps_and_exports_the_best_checkpoint(eval_proje
         model_dir,
         "best",
         nproc_per_node=2,
-        learning_rate=0.05,
+        learning_rate=0.5,
         eval_steps=1,
         save_total_limit=1,
         load_best_model_at_end=True,
