@@ -16,12 +16,14 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pyarrow.parquet as pq
 
 from schemas.errors import ConfigError, StageInputError
 from schemas.params import Params, load_params
 from stages.families import family
+from stages.fast_exit import exit_now
 from stages.train.reporters import check_available
 
 PACKS = Path("data/packed/packs.parquet")
@@ -212,10 +214,10 @@ def _ranks_stop_with_us(proc: subprocess.Popen, grace: float = 30) -> Iterator[l
         _stop_group(proc, grace)
 
 
-def run(params_path: str, root: Path = Path(".")) -> int:
-    """Preflight, then torchrun; the exit status is torchrun's. After signal N stopped the run (every rank is gone
-    by then), the process exits with 128 + N at once: tearing down torch and transformers at interpreter exit
-    takes seconds on a busy machine, and a cancelled flow run should not wait on them."""
+def run(params_path: str, root: Path = Path(".")) -> NoReturn:
+    """Preflight, then torchrun; the process then exits at once with torchrun's status, or with 128 + N after
+    signal N stopped the run (every rank is gone by then), without tearing down torch and transformers (see
+    `exit_now`): neither a pipeline nor a cancelled flow run waits on that. The last call of `qvl train`'s process."""
     params = load_params(params_path)
     nproc = nproc_per_node(params)
     preflight(params, root, nproc * params.trainer_args.nnodes)
@@ -226,8 +228,4 @@ def run(params_path: str, root: Path = Path(".")) -> int:
     proc = subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True, preexec_fn=preexec)
     with _ranks_stop_with_us(proc) as received:
         code = proc.wait()
-    if received:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(128 + received[0])
-    return code
+    exit_now(128 + received[0] if received else code)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from schemas.errors import PipelineError
 from schemas.params import load_params
 from stages.families import family
+from stages.fast_exit import exit_now
 from stages.train import checkpoint
 from stages.train.balance import pack_costs, straggler_ratio
 from stages.train.data import LoaderState, PrefetchLoader, RowBuilder, epoch_order, micro_batches, step_assignment
@@ -305,4 +306,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())  # every output is written and closed by now

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
 from schemas.errors import PipelineError
+from stages.fast_exit import exit_now
 from stages.train import checkpoint
 
 
@@ -78,3 +79,4 @@ if __name__ == "__main__":
     report = full(Path(dirs[0])) if mode == "full" else portable(Path(dirs[0]), Path(dirs[1]))
     dist.destroy_process_group()
     print(json.dumps(report))
+    exit_now(0)

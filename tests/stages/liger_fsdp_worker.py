@@ -12,6 +12,7 @@ from transformers import AutoProcessor
 
 from schemas.params import load_params
 from stages.families import family
+from stages.fast_exit import exit_now
 from stages.tokenize.vision import VisionArgs
 from stages.train.attention import ATTENTION_NAME, implementation_map
 from stages.train.data import RowBuilder
@@ -94,3 +95,4 @@ def main(params_path: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    exit_now(0)

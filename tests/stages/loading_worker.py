@@ -15,6 +15,7 @@ from transformers import AutoProcessor
 
 from schemas.params import TrainerArgs
 from stages.families import family
+from stages.fast_exit import exit_now
 from stages.train.loading import build_on_meta, materialize
 from stages.train.optim import build_optimizer, param_groups
 
@@ -134,3 +135,4 @@ def main(processor_type: str, model_dir: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    exit_now(0)
