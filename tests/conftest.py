@@ -215,7 +215,8 @@ def pipeline_params(model_dir: Path, family_name: str, **trainer):
                 "gradient_checkpointing": False,
                 "report_to": "none",
                 # rows built in the rank's own process: a DataLoader worker costs each rank a forkserver that
-                # imports the trainer again (~5 CPU-s a launch); test_train_distributed runs one with a worker
+                # imports the trainer again (~5 CPU-s a launch, and again for every evaluation);
+                # test_train_distributed runs one with a worker
                 "dataloader_num_workers": 0,
                 **trainer,
             },

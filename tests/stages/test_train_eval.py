@@ -51,13 +51,11 @@ def eval_project(tiny_models, demo_dir, tmp_path_factory):
 def train(root, model_dir, name, **trainer) -> dict[int, float]:
     """One `qvl train` run; its history's eval losses by step."""
     path = root / f"{name}.yaml"
-    # Rows built in the rank's process: a DataLoader worker would start (imports, seconds) for every evaluation.
     params = params_for(
         model_dir,
         run_name=name,
         eval_strategy="steps",
         max_steps=3,
-        dataloader_num_workers=0,
         **({"eval_steps": 2, "save_steps": 1, "save_total_limit": None} | trainer),
     )
     path.write_text(yaml.safe_dump(params.model_dump(by_alias=True, mode="json")))
