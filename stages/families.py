@@ -86,10 +86,10 @@ _FAMILIES = {
             image_std=(0.26862954, 0.26130258, 0.27577711),
             image_size={"shortest_edge": 3136, "longest_edge": 12845056},
             tiny_text_config={
-                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [1, 1, 2]}
             },
             # Qwen2-VL's vision hidden_size is the merger's output width: the tiny text model's hidden size
-            tiny_vision_config={"embed_dim": 64, "num_heads": 4, "mlp_ratio": 2, "hidden_size": 64},
+            tiny_vision_config={"embed_dim": 64, "num_heads": 4, "mlp_ratio": 2, "hidden_size": 32},
         ),
         ModelFamily(
             processor_type="qwen2_5_vl",
@@ -115,7 +115,7 @@ _FAMILIES = {
             image_std=(0.26862954, 0.26130258, 0.27577711),
             image_size={"shortest_edge": 3136, "longest_edge": 12845056},
             tiny_text_config={
-                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [1, 1, 2]}
             },
             tiny_vision_config={
                 "hidden_size": 64,
@@ -154,7 +154,7 @@ _FAMILIES = {
                 "rope_parameters": {
                     "rope_type": "default",
                     "rope_theta": 5000000.0,
-                    "mrope_section": [4, 2, 2],
+                    "mrope_section": [2, 1, 1],
                     "mrope_interleaved": True,
                 }
             },

@@ -17,12 +17,12 @@ TEMPLATES = Path(__file__).parent / "templates"
 VOCAB_SIZE = 151936  # the released embedding size (rounded up past the last added token)
 TINY_TEXT = {
     "vocab_size": VOCAB_SIZE,
-    "hidden_size": 64,
-    "intermediate_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 64,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "head_dim": 16,
+    "head_dim": 8,
     "max_position_embeddings": 32768,
     "rms_norm_eps": 1e-6,
     "tie_word_embeddings": True,
@@ -44,7 +44,7 @@ def token_ids() -> dict[str, int]:
 
 
 def build_config(fam: ModelFamily, text_overrides: dict | None = None):
-    """A small config of the family's real config class (about 10M parameters, mostly the tied embedding);
+    """A small config of the family's real config class (about 5M parameters, mostly the tied embedding);
     ``text_overrides`` resize the language model (tests and benchmarks of loading at a chosen size)."""
     config_cls = fam.transformers_class(fam.config_class)
     text = {

@@ -135,7 +135,7 @@ def test_load_best_model_at_end_keeps_and_exports_the_best_checkpoint(eval_proje
         model_dir,
         "best",
         nproc_per_node=2,
-        learning_rate=0.5,
+        learning_rate=2.0,
         eval_steps=1,
         save_total_limit=1,
         load_best_model_at_end=True,
