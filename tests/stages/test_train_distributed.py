@@ -130,6 +130,7 @@ def reference(packed_project):
     return built_once(("reference", family_name), build)
 
 
+@pytest.mark.family_only("qwen2_5_vl")  # Qwen3-VL's stand-ins and another rank layout: the SP x DP test below
 def test_world_size_accumulation_and_liger_do_not_change_the_result(packed_project, reference):
     """One rank, accumulation 2, rows built in a background DataLoader worker process, use_liger_kernel (its CPU
     stand-ins: RMSNorm, the SwiGLU MLP, the chunked linear cross-entropy), against 2 ranks without: the same losses.
