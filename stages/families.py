@@ -43,6 +43,8 @@ class ModelFamily:
     # Config values for a tiny, randomly initialised model with the real architecture (tests and the demo).
     tiny_text_config: dict[str, Any] = field(default_factory=dict)
     tiny_vision_config: dict[str, Any] = field(default_factory=dict)
+    # The vision config's key for the merger's output width (= the text hidden size): Qwen2-VL calls it hidden_size
+    merger_width_key: str = "out_hidden_size"
 
     def is_projector(self, name: str) -> bool:
         """Whether parameter ``name`` belongs to a vision-to-text projector."""
@@ -88,8 +90,8 @@ _FAMILIES = {
             tiny_text_config={
                 "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [1, 1, 2]}
             },
-            # Qwen2-VL's vision hidden_size is the merger's output width: the tiny text model's hidden size
-            tiny_vision_config={"embed_dim": 64, "num_heads": 4, "mlp_ratio": 2, "hidden_size": 32},
+            tiny_vision_config={"embed_dim": 64, "num_heads": 4, "mlp_ratio": 2},
+            merger_width_key="hidden_size",
         ),
         ModelFamily(
             processor_type="qwen2_5_vl",

@@ -59,8 +59,8 @@ def build_config(fam: ModelFamily, text_overrides: dict | None = None):
         "patch_size": fam.patch_size,
         "spatial_merge_size": fam.spatial_merge_size,
         "temporal_patch_size": fam.temporal_patch_size,
-        "out_hidden_size": text["hidden_size"],
         **fam.tiny_vision_config,
+        fam.merger_width_key: text["hidden_size"],
     }
     return config_cls(text_config=text, vision_config=vision, tie_word_embeddings=True, **token_ids())
 

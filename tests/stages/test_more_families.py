@@ -4,7 +4,6 @@ gives one rank's loss and gradients, and the export loads with `from_pretrained`
 video. (Their tokenization, packed loss and tiny models are tested with the other families, by parameter.)"""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from transformers import AutoProcessor
 from stages.families import family
 from tests.conftest import MORE_FAMILIES
 from tests.stages.test_sequence_parallel import sp_equivalence
-from tests.stages.test_train_distributed import launch, losses, train
+from tests.stages.test_train_distributed import launch, losses, project_with_checkpoint, train
 
 pytestmark = pytest.mark.slow
 OPTIONS = dict(nproc_per_node=2, save_steps=2, use_liger_kernel=True, mm_projector_lr=2e-4, vision_tower_lr=5e-5)
@@ -26,10 +25,7 @@ def test_resume_sequence_parallelism_and_export(packed_project, tmp_path):
     fam = family(family_name)
     whole = train(root, "four", model_dir, family_name, max_steps=4, **OPTIONS)
     assert [h["step"] for h in whole] == list(range(1, 5))
-    # The same run resumed from its step-2 checkpoint (copied into another project, as if it had been killed)
-    other = tmp_path / "resumed"
-    shutil.copytree(root / "data", other / "data")
-    shutil.copytree(root / "output/four/checkpoint-2", other / "output/four/checkpoint-2")
+    other = project_with_checkpoint(root, tmp_path / "resumed", "four", 2)  # the same run, as if killed after step 2
     proc = launch(other, "four", model_dir, family_name, max_steps=4, **OPTIONS)
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     resumed = json.loads((other / "output/four/checkpoint-4/trainer_state.json").read_text())["history"]

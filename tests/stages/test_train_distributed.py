@@ -83,6 +83,15 @@ def tree(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def project_with_checkpoint(root: Path, other: Path, name: str, step: int) -> Path:
+    """A copy of ``root``'s data at ``other`` holding only checkpoint ``step`` of run ``name``, as a run killed after
+    that checkpoint leaves it (on another machine or checkout path)."""
+    shutil.copytree(root / "data", other / "data")
+    checkpoint = f"output/{name}/checkpoint-{step}"
+    shutil.copytree(root / checkpoint, other / checkpoint)
+    return other
+
+
 def checkpoints(root, name) -> list[str]:
     return sorted(p.name for p in (root / "output" / name).iterdir() if p.name.startswith(("checkpoint-", ".")))
 
@@ -186,9 +195,7 @@ def test_the_same_run_from_another_path_resumed_gives_the_same_bytes(packed_proj
     identical; the speed figures, in metrics/train_speed.json (no stage output), cover the one step it ran."""
     root, family_name, model_dir = packed_project
     reference, outputs = reference
-    other = tmp_path / "another" / "checkout"
-    shutil.copytree(root / "data", other / "data")
-    shutil.copytree(root / "output/ws2/checkpoint-3", other / "output/ws2/checkpoint-3")
+    other = project_with_checkpoint(root, tmp_path / "another" / "checkout", "ws2", 3)
     proc = launch(other, "ws2", model_dir, family_name, max_steps=4, nproc_per_node=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and sorted(logged_steps(proc.stdout)) == [4]
