@@ -97,7 +97,7 @@ def _memory_is_clear(limit: str):
 
 
 def validate_into(con: duckdb.DuckDBPyConnection, params: Params, root: Path) -> None:
-    """Fill ``con`` with the tables `accepted` and `rejects` (plus the intermediate ones) for ``params``."""
+    """Fill ``con`` with the tables `raw`, `accepted` and `rejects` for ``params``."""
     cfg = params.dataset_config
     entries = cfg.all_datasets()
     load_all(con, [d for d, _ in entries], root)

@@ -19,6 +19,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from schemas.errors import StageInputError
 from schemas.params import DatasetEntry
@@ -36,26 +37,32 @@ READ_BYTES = 16 << 20  # one block of a JSONL or JSON file; a longer row simply 
 BATCH_ROWS = 10_000  # JSON array elements handed to DuckDB at a time
 CHECKED_ROWS = 1000  # rows looked at for a messages key before a file is called "not a chat dataset"
 
-Rows = tuple[list[str], list[str | None]]  # lines and their load reasons (None: loaded fine)
+Rows = tuple[pa.Array, pa.Array]  # lines (string) and their load reasons (string; null: loaded fine)
+JSON_BLANK = " \t\r"  # a line holding only these is blank (JSON's whitespace; \n ends the line)
+
+
+def _decode_line(line: bytes) -> tuple[str, str | None]:
+    try:
+        return line.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return line.decode("utf-8", errors="backslashreplace"), "invalid_utf8"
 
 
 def _decode_lines(block: bytes) -> Rows:
-    """``block``'s non-blank lines. Split on \\n only (not str.splitlines, which also splits on \\u2028 and
-    friends that JSON strings may hold); \\n never occurs inside a UTF-8 sequence, so a block decodes as a whole
-    exactly when each of its lines does."""
+    """``block``'s non-blank lines, split on \\n only (not str.splitlines, which also splits on \\u2028 and friends
+    that JSON strings may hold). Arrow splits and checks the UTF-8 of the whole block (measured: 0.16 s per 274 MB
+    against 0.7 s for str.split and a Python string per row); only a block holding invalid UTF-8 is decoded line by
+    line, its bad lines marked. A line of other whitespace (form feed, U+2028) is not blank: it is a row, rejected
+    as invalid JSON, never dropped."""
+    lines = pc.split_pattern(pa.array([block], pa.binary()), b"\n").flatten()
     try:
-        lines, reasons = block.decode("utf-8").split("\n"), None
-    except UnicodeDecodeError:
-        lines, reasons = [], []
-        for chunk in block.split(b"\n"):
-            try:
-                lines.append(chunk.decode("utf-8"))
-                reasons.append(None)
-            except UnicodeDecodeError:
-                lines.append(chunk.decode("utf-8", errors="backslashreplace"))
-                reasons.append("invalid_utf8")
-    keep = [i for i, line in enumerate(lines) if line.strip()]  # blank lines are not rows
-    return [lines[i] for i in keep], [None] * len(keep) if reasons is None else [reasons[i] for i in keep]
+        text, reasons = lines.cast(pa.string()), pa.nulls(len(lines), pa.string())
+    except pa.ArrowInvalid:  # some line is not UTF-8
+        decoded = [_decode_line(line) for line in lines.to_pylist()]
+        text = pa.array([line for line, _ in decoded], pa.string())
+        reasons = pa.array([reason for _, reason in decoded], pa.string())
+    keep = pc.not_equal(pc.utf8_trim(text, JSON_BLANK), "")
+    return text.filter(keep), reasons.filter(keep)
 
 
 def _jsonl_rows(path: Path) -> Iterator[Rows]:
@@ -130,10 +137,10 @@ def _json_array_rows(path: Path) -> Iterator[Rows]:
             lines.append(json.dumps(item, ensure_ascii=False))
             pos, count, expect_value = end, count + 1, False
             if len(lines) == BATCH_ROWS:
-                yield lines, [None] * len(lines)
+                yield pa.array(lines, pa.string()), pa.nulls(len(lines), pa.string())
                 lines = []
         if lines:
-            yield lines, [None] * len(lines)
+            yield pa.array(lines, pa.string()), pa.nulls(len(lines), pa.string())
         if skip_space():
             raise _not_json(path, "data after the closing ']'")
 
@@ -166,8 +173,8 @@ class _MessagesCheck:
     def __init__(self, path: Path):
         self.path, self.seen, self.found = path, 0, False
 
-    def look(self, lines: list[str]) -> None:
-        for line in lines[: max(0, CHECKED_ROWS - self.seen)]:
+    def look(self, lines: pa.Array) -> None:
+        for line in lines[: max(0, CHECKED_ROWS - self.seen)].to_pylist():
             if self.found:
                 return
             try:
@@ -198,7 +205,7 @@ def load_dataset(con: duckdb.DuckDBPyConnection, entry: DatasetEntry, root: Path
         select = _parquet_select(path)
         check = _MessagesCheck(path)
         first = con.execute(f"SELECT line FROM ({select}) ORDER BY row LIMIT {CHECKED_ROWS}", [str(path)]).fetchall()
-        check.look([line for (line,) in first])
+        check.look(pa.array([line for (line,) in first], pa.string()))
         check.finish()
         con.execute(f"INSERT INTO raw SELECT ?, row, line, NULL FROM ({select})", [entry.path, str(path)])
         return
@@ -211,8 +218,8 @@ def load_dataset(con: duckdb.DuckDBPyConnection, entry: DatasetEntry, root: Path
                 {
                     "source": pa.repeat(pa.scalar(entry.path), len(lines)),
                     "row": pa.array(np.arange(start, start + len(lines), dtype=np.int64)),
-                    "line": pa.array(lines, pa.string()),
-                    "load_reason": pa.array(reasons, pa.string()),
+                    "line": lines,
+                    "load_reason": reasons,
                 },
                 schema=RAW_SCHEMA,
             ),

@@ -320,7 +320,7 @@ def test_json_arrays_stream_in_blocks_as_parsing_them_whole_would(read_bytes, mo
     path = tmp_path / "a.json"
     for text in JSON_ARRAYS:
         path.write_text(text, encoding="utf-8")
-        streamed = [line for lines, _ in load._json_array_rows(path) for line in lines]
+        streamed = [line for lines, _ in load._json_array_rows(path) for line in lines.to_pylist()]
         assert streamed == [json.dumps(x, ensure_ascii=False) for x in json.loads(text.lstrip(" \ufeff"))]
     for text in BAD_JSON_ARRAYS:
         path.write_text(text, encoding="utf-8")
@@ -337,14 +337,17 @@ def test_jsonl_streams_in_blocks_with_the_same_rows_and_reasons(read_bytes, monk
 
     monkeypatch.setattr(load, "READ_BYTES", read_bytes)
     path = tmp_path / "a.jsonl"
-    path.write_bytes(b'{"a": "\xc3\xa9"}\n\n  \n{"b": "\xff"}\r\n{"c": "\xe2\x80\xa8"}\n{"d": 1}')
+    path.write_bytes(b'{"a": "\xc3\xa9"}\n\n \t\r\n{"b": "\xff"}\r\n{"c": "\xe2\x80\xa8"}\n\x0c\n{"d": 1}')
     rows = [
-        (line, reason) for lines, reasons in load._jsonl_rows(path) for line, reason in zip(lines, reasons, strict=True)
+        (line, reason)
+        for lines, reasons in load._jsonl_rows(path)
+        for line, reason in zip(lines.to_pylist(), reasons.to_pylist(), strict=True)
     ]
     assert rows == [
         ('{"a": "é"}', None),
         ('{"b": "\\xff"}\r', "invalid_utf8"),
         ('{"c": "\u2028"}', None),
+        ("\x0c", None),  # not JSON's whitespace: a row (rejected as invalid JSON), not a blank line
         ('{"d": 1}', None),
     ]
 
