@@ -38,6 +38,21 @@ def nproc_per_node(params: Params) -> int:
     return torch.cuda.device_count() or 1
 
 
+def tokenizer_size(processor_dir: Path, expected: int) -> int:
+    """``len(tokenizer)`` of the processor in ``processor_dir`` (what tokenize records), read cheaply where it can:
+    the Rust tokenizer of ``tokenizer.json`` counts ``expected`` in 0.4 s where transformers' Qwen2Tokenizer, which
+    rebuilds its vocabulary in Python, takes 1.3-1.8 s (measured); any other count is checked by transformers."""
+    file = processor_dir / "tokenizer.json"
+    if file.is_file():
+        from tokenizers import Tokenizer
+
+        if Tokenizer.from_file(str(file)).get_vocab_size(with_added_tokens=True) == expected:
+            return expected
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(processor_dir))
+
+
 def preflight(params: Params, root: Path, world: int) -> None:
     """Every input problem as one clear error, before any process starts."""
     model_dir = root / params.model_config_.load_from_pretrained_path
@@ -84,14 +99,11 @@ def preflight(params: Params, root: Path, world: int) -> None:
             f"tokenized data holds token id {top} but the model's vocabulary "
             f"has {vocab}: the processor does not match the tokenized data; re-run tokenize"
         )
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(params.dataset_config.processor_config.processor_name)
-    meta = pq.read_schema(root / TOKENIZED).metadata or {}
-    expected = meta.get(b"tokenizer_vocab_size")
-    if expected and int(expected) != len(tokenizer):
+    expected = (pq.read_schema(root / TOKENIZED).metadata or {}).get(b"tokenizer_vocab_size")
+    processor_dir = Path(params.dataset_config.processor_config.processor_name)
+    if expected and (size := tokenizer_size(processor_dir, int(expected))) != int(expected):
         raise StageInputError(
-            f"the processor's tokenizer has {len(tokenizer)} tokens but the data was tokenized "
+            f"the processor's tokenizer has {size} tokens but the data was tokenized "
             f"with {int(expected)}: re-run tokenize with this processor"
         )
     packed = check_pack_rows(pq.read_table(root / PACKS, columns=["sample_ids", "sample_rows"]), tokenized)

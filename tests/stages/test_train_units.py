@@ -281,6 +281,16 @@ def test_preflight_errors(packed_project, tmp_path):
     evaluation.trainer_args.eval_strategy = "steps"
     with pytest.raises(StageInputError, match="eval_strategy is 'steps' but .*eval_packs.parquet holds no packs"):
         preflight(evaluation, root, 2)
+    from transformers import AutoProcessor
+
+    grown = tmp_path / "grown-processor"  # one token more than the data was tokenized with
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.tokenizer.add_tokens(["<|not-in-the-data|>"])
+    processor.save_pretrained(grown)
+    other_processor = params.model_copy(deep=True)
+    other_processor.dataset_config.processor_config.processor_name = str(grown)
+    with pytest.raises(StageInputError, match=rf"tokenizer has {len(processor.tokenizer)} tokens but the data was"):
+        preflight(other_processor, root, 2)
 
 
 @pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
