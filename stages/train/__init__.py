@@ -99,12 +99,12 @@ def preflight(params: Params, root: Path, world: int) -> None:
             f"tokenized data holds token id {top} but the model's vocabulary "
             f"has {vocab}: the processor does not match the tokenized data; re-run tokenize"
         )
-    expected = (pq.read_schema(root / TOKENIZED).metadata or {}).get(b"tokenizer_vocab_size")
+    recorded = (pq.read_schema(root / TOKENIZED).metadata or {}).get(b"tokenizer_vocab_size")
     processor_dir = Path(params.dataset_config.processor_config.processor_name)
-    if expected and (size := tokenizer_size(processor_dir, int(expected))) != int(expected):
+    if recorded and (size := tokenizer_size(processor_dir, expected := int(recorded))) != expected:
         raise StageInputError(
             f"the processor's tokenizer has {size} tokens but the data was tokenized "
-            f"with {int(expected)}: re-run tokenize with this processor"
+            f"with {expected}: re-run tokenize with this processor"
         )
     packed = check_pack_rows(pq.read_table(root / PACKS, columns=["sample_ids", "sample_rows"]), tokenized)
     if params.trainer_args.eval_strategy != "no":

@@ -41,6 +41,11 @@ Rows = tuple[pa.Array, pa.Array]  # lines (string) and their load reasons (strin
 JSON_BLANK = " \t\r"  # a line holding only these is blank (JSON's whitespace; \n ends the line)
 
 
+def _loaded(lines: list[str]) -> Rows:
+    """Rows that loaded fine."""
+    return pa.array(lines, pa.string()), pa.nulls(len(lines), pa.string())
+
+
 def _decode_line(line: bytes) -> tuple[str, str | None]:
     try:
         return line.decode("utf-8"), None
@@ -137,10 +142,10 @@ def _json_array_rows(path: Path) -> Iterator[Rows]:
             lines.append(json.dumps(item, ensure_ascii=False))
             pos, count, expect_value = end, count + 1, False
             if len(lines) == BATCH_ROWS:
-                yield pa.array(lines, pa.string()), pa.nulls(len(lines), pa.string())
+                yield _loaded(lines)
                 lines = []
         if lines:
-            yield pa.array(lines, pa.string()), pa.nulls(len(lines), pa.string())
+            yield _loaded(lines)
         if skip_space():
             raise _not_json(path, "data after the closing ']'")
 
