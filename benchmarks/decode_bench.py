@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -76,6 +75,7 @@ def main() -> None:
     # importing the stage (as `python -m stages.decode`, how DVC and the flows run it, the workers never do).
     sys.path.insert(0, str(REPO))
     from schemas.params import parse_params
+    from stages.cpus import available_cpus
     from stages.decode.shards import FrameStore
     from stages.decode.stage import run as decode
     from stages.validate import run as validate
@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--videos", type=int, default=12)
     ap.add_argument("--seconds", type=float, default=10.0)
     args = ap.parse_args()
-    workers = os.cpu_count() or 1
+    workers = available_cpus()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "data/videos").mkdir(parents=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from schemas.params import parse_params  # noqa: E402
+from stages.cpus import available_cpus  # noqa: E402
 from stages.demo import write_demo  # noqa: E402
 from stages.tiny_model import make_tiny_model  # noqa: E402
 from stages.tokenize import load_processor  # noqa: E402
@@ -66,7 +66,7 @@ def main() -> None:
         print(f"one process: {single:,.0f} samples/s ({len(batch):,} samples)")
         result = tokenize(params, root)
         print(
-            f"tokenize stage, {os.cpu_count()} cores (incl. worker start-up and writes): "
+            f"tokenize stage, {available_cpus()} CPUs (incl. worker start-up and writes): "
             f"{result.tokenized / result.seconds:,.0f} samples/s ({result.tokens:,} tokens)"
         )
         shutil.rmtree(root / "data/tokenized")

@@ -179,13 +179,13 @@ class ValidateConfig(Section):
     # below which transformers' smart_resize refuses the image.
     min_image_side: int | None = None
     media_cache: str = ".cache/qvl/media.duckdb"
-    workers: int = 0  # 0: one per core
+    workers: int = 0  # 0: one per CPU this process may use (affinity and cgroup quota, stages/cpus.py)
     # DuckDB's memory limit for the stage's queries (spilling to .cache/duckdb-tmp above it); any DuckDB size.
     memory_limit: str = Field("4GB", pattern=r"(?i)^\d+(\.\d+)?\s*([KMGT]i?B|B)$")
 
 
 class DecodeConfig(Section):
-    workers: int = 0
+    workers: int = 0  # 0: one per CPU this process may use
     shard_target_mb: int = 256
     # exact: torchvision's bicubic + antialias in Python, the pixels qwen-vl-utils gives; fast: ffmpeg's bicubic
     # scaler in its filter graph (close, not equal: the stage's metrics report the measured difference)

@@ -2,7 +2,8 @@
 # The test suite: install, lint, then pytest on pytest-xdist workers (GPU tests skip without CUDA).
 #   bash scripts/test.sh          everything (what CI runs)
 #   bash scripts/test.sh --fast   the fast tier: unit and model tests only (no torchrun, DVC or Prefect processes)
-# Further arguments go to pytest (e.g. -k decode); QVL_TEST_WORKERS sets the worker count (default: one per core).
+# Further arguments go to pytest (e.g. -k decode); QVL_TEST_WORKERS sets the worker count (default: one per CPU
+# this process may use: pytest-xdist's own "auto" counts the host's physical cores, which a CI container may not have).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
@@ -13,4 +14,5 @@ if [ "${1:-}" = "--fast" ]; then
   shift
   tier=(-m "unit or model")
 fi
-.venv/bin/python -m pytest -q -n "${QVL_TEST_WORKERS:-auto}" --dist loadgroup --durations=25 "${tier[@]}" "$@"
+workers=${QVL_TEST_WORKERS:-$(.venv/bin/python -m stages.cpus)}
+.venv/bin/python -m pytest -q -n "$workers" --dist loadgroup --durations=25 "${tier[@]}" "$@"

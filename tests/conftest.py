@@ -281,3 +281,13 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     test process: moved out of the garbage collector's sight, its full collections stop traversing it (the fast
     tier: 243 -> 204 CPU-s, measured)."""
     gc.freeze()
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    """The machine the run had, last in the output (what a CI log shows): suite times depend on it."""
+    from stages.cpus import available_cpus, cgroup_cpu_quota
+
+    terminalreporter.write_line(
+        f"machine: {available_cpus()} CPUs usable (affinity {len(os.sched_getaffinity(0))}, host {os.cpu_count()}, "
+        f"cgroup quota {cgroup_cpu_quota()}), {config.getoption('numprocesses', None) or 1} test workers"
+    )

@@ -10,7 +10,6 @@ it; the other videos go on.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from tqdm import tqdm
 from schemas.errors import StageInputError
 from schemas.params import Params
 from schemas.tables import DECODE_REJECTS_SCHEMA, FRAME_INDEX_SCHEMA
+from stages.cpus import available_cpus
 from stages.decode.sampling import SamplingOptions, plan_frames, resize_for, video_key
 from stages.decode.shards import INDEX_ARROW, INDEX_FILE, ShardWriter
 from stages.decode.video_frames import DecodeError, Targets, fast_resize_error
@@ -246,8 +246,9 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
     jobs = collect_jobs(root, options)
     resize = params.decode.resize
     check = ResizeCheck() if resize == "fast" else None
-    workers = params.decode.workers or os.cpu_count() or 1
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    cpus = available_cpus()
+    workers = params.decode.workers or cpus
+    threads = max(1, cpus // workers)
     project = root.resolve()
     rejected, frames_total, raw_bytes = [], 0, 0
     with atomic_dir(root / OUT_DIR) as tmp, IndexWriter(tmp) as index:

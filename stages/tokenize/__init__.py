@@ -25,6 +25,7 @@ from tqdm import tqdm
 from schemas.errors import PipelineError, StageInputError
 from schemas.params import Params
 from schemas.tables import TOKENIZE_REJECTS_SCHEMA, TOKENIZED_SCHEMA
+from stages.cpus import available_cpus
 from stages.executor import map_chunks
 from stages.io import atomic_dir, write_json
 from stages.tokenize.output import TokenizedWriter
@@ -160,7 +161,7 @@ def run(params: Params, root: Path = Path(".")) -> TokenizeResult:
     chunks = _Chunks(samples, excluded)
     total = samples.metadata.num_rows
     # One worker for a small dataset: worker start-up (seconds) would cost more than the work.
-    workers = max(1, min(os.cpu_count() or 1, -(-total // CHUNK)))
+    workers = max(1, min(available_cpus(), -(-total // CHUNK)))
     results = map_chunks(
         _render_chunk,
         chunks,

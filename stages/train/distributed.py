@@ -14,6 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from stages.cpus import available_cpus
+
 LONG_WAIT = timedelta(hours=3)  # rank 0 writing a consolidated 70B export can take tens of minutes
 
 
@@ -39,6 +41,6 @@ def init_distributed() -> Distributed:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, available_cpus() // local_world))
     long_wait = dist.new_group(backend="gloo", timeout=LONG_WAIT)
     return Distributed(device, dist.get_rank(), dist.get_world_size(), long_wait)

@@ -8,7 +8,6 @@ ends up either accepted or rejected with one reason code: input == accepted + re
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import pyarrow as pa
 from schemas.errors import PipelineError
 from schemas.params import Params
 from schemas.reasons import REASON_CODES
+from stages.cpus import available_cpus
 from stages.families import family
 from stages.io import atomic_dir, disk_full_is_clear, write_json
 from stages.tokenizer_build import SPECIAL_TOKENS
@@ -43,6 +43,7 @@ def connect(params: Params, root: Path) -> duckdb.DuckDBPyConnection:
             "memory_limit": params.validate_.memory_limit,
             "temp_directory": str(root / SPILL_DIR),
             "preserve_insertion_order": False,
+            "threads": available_cpus(),  # DuckDB's own default counts the host's cores, not this process's
         }
     )
 
@@ -127,7 +128,7 @@ def validate_into(con: duckdb.DuckDBPyConnection, params: Params, root: Path) ->
         allow_remote=vcfg.allow_remote_media,
         project_root=root,
         store_dir=root / MEDIA_STORE,
-        workers=vcfg.workers or (os.cpu_count() or 1),
+        workers=vcfg.workers or available_cpus(),
     )
     (root / MEDIA_STORE).mkdir(parents=True, exist_ok=True)
     cache = ProbeCache(root / vcfg.media_cache)

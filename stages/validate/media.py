@@ -24,6 +24,8 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from stages.cpus import available_cpus
+
 MEDIA_CHECKS_SCHEMA = pa.schema(
     [
         ("kind", pa.string()),
@@ -70,7 +72,7 @@ class MediaRules:
     allow_remote: bool
     project_root: Path
     store_dir: Path  # where decoded data: URLs are written, named by content hash
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int = field(default_factory=available_cpus)
 
 
 def _library_message(exc: Exception, path: str) -> str:
