@@ -29,13 +29,13 @@ def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_C
     for name in V1_CPU_DIRS:
         quota, period = _ints(cgroup_root / name / "cpu.cfs_quota_us"), _ints(cgroup_root / name / "cpu.cfs_period_us")
         if quota and period:
-            return quota[0] / period[0] if quota[0] > 0 else None
+            return quota[0] / period[0] if quota[0] > 0 and period[0] > 0 else None
     try:
         group = self_cgroup.read_text().strip().splitlines()[-1].split(":", 2)[2]
     except (OSError, IndexError):
         group = "/"
     v2 = _ints(cgroup_root / group.lstrip("/") / "cpu.max")  # "max 100000" (no quota) reads as []
-    return v2[0] / v2[1] if len(v2) == 2 and v2[0] > 0 else None
+    return v2[0] / v2[1] if len(v2) == 2 and min(v2) > 0 else None
 
 
 def _ints(path: Path) -> list[int]:

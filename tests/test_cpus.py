@@ -31,6 +31,7 @@ def cgroup_tree(tmp_path, files: dict[str, str]):
         ({"cpu.max": "50000 100000\n"}, 0.5),
         ({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, None),
         ({"cpu/cpu.cfs_quota_us": "250000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.5),
+        ({"cpu.max": "50000 0\n"}, None),  # unreadable as a quota, not a division by zero
     ],
 )
 def test_the_cgroup_quota_is_read_from_v1_and_v2(tmp_path, files, quota):
