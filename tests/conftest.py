@@ -285,9 +285,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     """The machine the run had, last in the output (what a CI log shows): suite times depend on it."""
+    import psutil
+
     from stages.cpus import available_cpus, cgroup_cpu_quota
 
     terminalreporter.write_line(
         f"machine: {available_cpus()} CPUs usable (affinity {len(os.sched_getaffinity(0))}, host {os.cpu_count()}, "
-        f"cgroup quota {cgroup_cpu_quota()}), {config.getoption('numprocesses', None) or 1} test workers"
+        f"physical {psutil.cpu_count(logical=False)}, cgroup quota {cgroup_cpu_quota()}), "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {config.getoption('numprocesses', None) or 1} test workers"
     )
