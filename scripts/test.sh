@@ -17,5 +17,5 @@ if [ "${1:-}" = "--fast" ]; then
 fi
 workers=${QVL_TEST_WORKERS:-$(.venv/bin/python -c 'import psutil
 from stages.cpus import available_cpus
-print(min(available_cpus(), psutil.cpu_count(logical=False) or available_cpus()))')}
+print(min(filter(None, (available_cpus(), psutil.cpu_count(logical=False)))))')}
 .venv/bin/python -m pytest -q -n "$workers" --dist loadgroup --durations=25 "${tier[@]}" "$@"

@@ -39,17 +39,11 @@ def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_C
 
 
 def _ints(path: Path) -> list[int]:
-    """The file's whitespace-separated integers up to the first word that is not one; [] when unreadable."""
+    """The file's whitespace-separated integers; [] when it is unreadable or holds a word that is not one."""
     try:
-        words = path.read_text().split()
-    except OSError:
+        return [int(word) for word in path.read_text().split()]
+    except (OSError, ValueError):
         return []
-    numbers = []
-    for word in words:
-        if not word.lstrip("-").isdigit():
-            break
-        numbers.append(int(word))
-    return numbers
 
 
 if __name__ == "__main__":

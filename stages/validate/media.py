@@ -18,13 +18,11 @@ import re
 import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-
-from stages.cpus import available_cpus
 
 MEDIA_CHECKS_SCHEMA = pa.schema(
     [
@@ -72,7 +70,7 @@ class MediaRules:
     allow_remote: bool
     project_root: Path
     store_dir: Path  # where decoded data: URLs are written, named by content hash
-    workers: int = field(default_factory=available_cpus)
+    workers: int
 
 
 def _library_message(exc: Exception, path: str) -> str:

@@ -10,6 +10,7 @@ import pytest
 
 from schemas.errors import PipelineError, StageInputError
 from schemas.reasons import REASON_CODES
+from stages.cpus import available_cpus
 from stages.demo import BAD_OFFICIAL_ROWS, BAD_ROWS, INVALID_UTF8_ROW
 from stages.validate import run
 from tests.conftest import REPO, demo_params, fill_disk
@@ -293,9 +294,8 @@ def test_a_bounded_duckdb_writes_the_same_bytes_and_names_its_limit(project):
     names = ("samples.parquet", "rejects.parquet")
     before = {n: (project / "data/validated" / n).read_bytes() for n in names}
     small = demo_params()
-    # DuckDB runs one thread per core, each needing some memory of its own: 16 threads fail at 16MB, pass at 32MB
-    threads = duckdb.connect().execute("SELECT current_setting('threads')").fetchone()[0]
-    small.validate_.memory_limit = f"{max(16, 2 * threads)}MB"
+    # The stage gives DuckDB one thread per usable CPU, each needing memory of its own: 16 fail at 16MB, pass at 32MB
+    small.validate_.memory_limit = f"{max(16, 2 * available_cpus())}MB"
     run(small, project)
     assert {n: (project / "data/validated" / n).read_bytes() for n in names} == before
     assert (project / ".cache/duckdb-tmp").is_dir()
