@@ -73,12 +73,18 @@ def test_rotated_and_flipped_videos_are_shown_as_the_command_line_shows_them(cli
     assert np.array_equal(frames, reference[[3, 50]])
 
 
-def test_fast_resize_equals_the_command_line_scaling_in_rgb(clips):
-    """The fast path's filter graph is the command line's: autorotate, RGB, then swscale's Catmull-Rom bicubic;
-    the target follows the rotation."""
-    scale = ["-vf", "format=rgb24,scale=84:140:flags=bicubic:param0=0:param1=0.5"]
-    reference = every_frame(clips / "rot90.mp4", 140, 84, *scale)
-    frames = decode_planned(str(clips / "rot90.mp4"), [10, 80], Targets((84, 140), (140, 84)), resize="fast")
+@pytest.mark.parametrize(
+    ("name", "target"),
+    [("rot90", (140, 84)), ("plain", (112, 168))],  # rotated and scaled down; scaled up, as 640x360 -> 644x364
+)
+def test_fast_resize_equals_the_command_line_scaling_in_rgb(clips, name, target):
+    """The fast path's pixels are the command line's: autorotate, RGB, then swscale's Catmull-Rom bicubic on the
+    RGB frame; the target follows the rotation."""
+    height, width = target
+    scale = ["-vf", f"format=rgb24,scale={width}:{height}:flags=bicubic:param0=0:param1=0.5"]
+    reference = every_frame(clips / f"{name}.mp4", height, width, *scale)
+    targets = Targets((width, height), target) if name == "rot90" else Targets(target, target[::-1])
+    frames = decode_planned(str(clips / f"{name}.mp4"), [10, 80], targets, resize="fast")
     assert np.array_equal(frames, reference[[10, 80]])
 
 
