@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -76,26 +77,25 @@ def cli_same_frames(root: Path, rows: list[dict], workers: int) -> tuple[int, fl
 
 STAGE = """import json, sys
 from pathlib import Path
-sys.path.insert(0, sys.argv[1])
 from schemas.params import load_params
 from stages.decode.stage import run
-r = run(load_params(sys.argv[3]), Path(sys.argv[2]))
-print(json.dumps({"frames": r.frames, "seconds": r.seconds, "videos": r.decoded}))
+r = run(load_params(sys.argv[2]), Path(sys.argv[1]))
+print(json.dumps({**r.metrics(), "seconds": r.seconds}))
 """
 
 
 def stage_run(root: Path, params_file: Path) -> dict:
     """The decode stage in a fresh interpreter, as DVC and the flows run it (its pool starts cold: the forkserver
-    imports torch for the exact resize each time); its own timing, which leaves out the interpreter's imports."""
-    cmd = [sys.executable, "-c", STAGE, str(REPO), str(root), str(params_file)]
-    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True).stdout
+    imports torch for the exact resize each time): its metrics and its own timing (without the interpreter's
+    imports)."""
+    cmd = [sys.executable, "-c", STAGE, str(root), str(params_file)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
-    # The project's modules are imported here, not at the top: each decode worker process re-imports the script
-    # that started the pool (Python's forkserver does, for any script but `python -m`), and would spend seconds
-    # importing the stage (as `python -m stages.decode`, how DVC and the flows run it, the workers never do).
+    # The project's modules, once the repository is on the path (the stage itself runs in fresh interpreters).
     sys.path.insert(0, str(REPO))
     from schemas.params import parse_params
     from stages.cpus import available_cpus
@@ -135,12 +135,10 @@ def main() -> None:
             }
         )
         validate(params, root)
-        files = {}
-        for resize in ("exact", "fast"):
-            files[resize] = root / f"params-{resize}.yaml"
-            dumped = params.model_dump(by_alias=True, mode="json")
-            dumped["decode"]["resize"] = resize
-            files[resize].write_text(yaml.safe_dump(dumped))
+        dumped = params.model_dump(by_alias=True, mode="json")
+        files = {resize: root / f"params-{resize}.yaml" for resize in ("exact", "fast")}
+        for resize, file in files.items():
+            file.write_text(yaml.safe_dump({**dumped, "decode": {**dumped["decode"], "resize": resize}}))
         result = stage_run(root, files["exact"])
         store = FrameStore(root / "data/frames")
         rows = [dict(store[k]) for k in store]  # what the CLI is asked for, kept: the fast runs replace the shards
@@ -159,8 +157,7 @@ def main() -> None:
             f"({vision_process.get_video_reader_backend()}) {fly_fps:.0f} frames/s -> {shard_fps / fly_fps:.0f}x "
             "(goal >= 20x)"
         )
-        metrics = json.loads((root / "metrics/decode.json").read_text())
-        per_frame, raw = metrics["shard_bytes"] / result["frames"], metrics["raw_bytes"] / result["frames"]
+        per_frame, raw = result["shard_bytes"] / result["frames"], result["raw_bytes"] / result["frames"]
         print(
             f"shard size: {per_frame / 1024:.0f} KiB per sampled frame vs {raw / 1024:.0f} KiB raw RGB "
             f"({raw / per_frame:.2f}x smaller; Parquet, zstd level 1, lossless)"
@@ -171,16 +168,15 @@ def main() -> None:
                 result = stage_run(root, files["exact"])
             cli_frames, cli_seconds = cli_same_frames(root, rows, workers)
             fast = stage_run(root, files["fast"])
-            fast_metrics = json.loads((root / "metrics/decode.json").read_text())
             fps = (result["frames"] / result["seconds"], fast["frames"] / fast["seconds"], cli_frames / cli_seconds)
             rounds.append(fps)
             print(
                 f"round {i + 1}: stage exact {fps[0]:.0f}, fast {fps[1]:.0f}, CLI {fps[2]:.0f} frames/s "
-                f"({result['frames']} sampled frames from {result['videos']} videos, {workers} workers)"
+                f"({result['frames']} sampled frames from {result['decoded']} videos, {workers} workers)"
             )
         print(
-            f"resize fast against exact: MAD {fast_metrics['fast_resize_mad']:.3f}, largest difference "
-            f"{fast_metrics['fast_resize_max_diff']} ({fast_metrics['fast_resize_frames_checked']} frames checked)"
+            f"resize fast against exact: MAD {fast['fast_resize_mad']:.3f}, largest difference "
+            f"{fast['fast_resize_max_diff']} ({fast['fast_resize_frames_checked']} frames checked)"
         )
         exact_ratio = statistics.median(e / c for e, _, c in rounds)
         fast_ratio = statistics.median(f / c for _, f, c in rounds)
