@@ -73,12 +73,13 @@ class RgbFilter:
     torch's antialiased bicubic (MAD 0.03 from exact at 640 -> 448 px, measured; scaling the YUV planes
     instead, FFmpeg's default, was 30-60x further off)."""
 
-    def __init__(self, first: av.VideoFrame, targets: Targets, scale: bool):
+    def __init__(self, first: av.VideoFrame, targets: Targets, scale: bool, threads: int = 1):
         rotate = rotation_filters(display_matrix(first))
         swaps = bool(rotate) and rotate[0][0] == "transpose"
         self.shown = (first.width, first.height) if swaps else (first.height, first.width)
         self.target = targets.rotated_size if swaps else targets.size
         self.graph = av.filter.Graph()
+        self.graph.threads = threads  # swscale's slice threads default to every core, in every worker
         nodes = [self.graph.add_buffer(width=first.width, height=first.height, format=first.format, time_base=1)]
         for name, args in [*rotate, ("format", "rgb24")]:
             nodes.append(self.graph.add(name, args))
@@ -159,7 +160,7 @@ def _decode_pass(
             number = count if times is None else wanted_times.get(frame.pts)
             count += 1
             if number in wanted and number not in done.got:
-                done.to_rgb = done.to_rgb or RgbFilter(frame, targets, scale)
+                done.to_rgb = done.to_rgb or RgbFilter(frame, targets, scale, threads)
                 done.got[number] = done.to_rgb(frame)
 
     with av.open(path) as container:

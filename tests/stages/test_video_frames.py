@@ -1,14 +1,16 @@
 """PyAV's decode of the sampled frames, skipping the unsampled non-reference ones, against the ffmpeg command line
 decoding every frame (an independent reference): bit for bit, upright, and damaged files as rejects."""
 
+import os
 import subprocess
 from pathlib import Path
 
+import av
 import imageio_ffmpeg
 import numpy as np
 import pytest
 
-from stages.decode.video_frames import DecodeError, Targets, decode_planned, decode_rgb
+from stages.decode.video_frames import DecodeError, RgbFilter, Targets, decode_planned, decode_rgb
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 SIZE = (96, 160)  # (height, width) as coded
@@ -88,6 +90,24 @@ def test_fast_resize_equals_the_command_line_scaling_in_rgb(clips, name, targets
     reference = every_frame(clips / f"{name}.mp4", height, width, *scale)
     frames = decode_planned(str(clips / f"{name}.mp4"), [10, 80], targets, resize="fast")
     assert np.array_equal(frames, reference[[10, 80]])
+
+
+def os_threads() -> int:
+    return int(next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("Threads:"))
+               .split()[1])  # fmt: skip
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="FFmpeg starts no slice threads on one core")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_fast_scale_keeps_to_the_workers_thread_share(clips, threads):
+    """The scale filter's graph runs on the worker's share of the cores (FFmpeg's default starts a slice thread
+    per core in every worker's graph, which cost 5% more CPU a clip, measured), on one thread where given one."""
+    with av.open(str(clips / "plain.mp4")) as container:
+        first = next(container.decode(video=0))
+        before = os_threads()
+        scale = RgbFilter(first, Targets((112, 168), (168, 112)), scale=True, threads=threads)
+        assert scale(first).shape == (112, 168, 3)
+        assert (os_threads() > before) == (threads > 1)
 
 
 def test_a_cut_file_keeps_its_frames_and_rejects_the_missing_ones(clips, tmp_path):
