@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import av
@@ -36,6 +37,9 @@ class Targets:
 
     size: tuple[int, int]
     rotated_size: tuple[int, int]
+
+
+Finish = Callable[[np.ndarray, tuple[int, int]], np.ndarray]  # a decoded RGB frame and its target -> the frame kept
 
 
 def rotation_filters(matrix: np.ndarray | None) -> list[tuple[str, str | None]]:
@@ -142,9 +146,16 @@ class _Pass:
 
 
 def _decode_pass(
-    path: str, wanted: set[int], times: list[int] | None, targets: Targets, threads: int, scale: bool
+    path: str,
+    wanted: set[int],
+    times: list[int] | None,
+    targets: Targets,
+    threads: int,
+    scale: bool,
+    finish: Finish | None,
 ) -> _Pass:
-    """Decode ``path``, keeping frames ``wanted`` (numbered by ``times`` where given, else in output order)."""
+    """Decode ``path``, keeping frames ``wanted`` (numbered by ``times`` where given, else in output order), each
+    through ``finish`` where given."""
     wanted_times = {times[i]: i for i in wanted if i < len(times)} if times is not None else {}
     known_times = set(times or ())
     done = _Pass({})
@@ -161,7 +172,8 @@ def _decode_pass(
             count += 1
             if number in wanted and number not in done.got:
                 done.to_rgb = done.to_rgb or RgbFilter(frame, targets, scale, threads)
-                done.got[number] = done.to_rgb(frame)
+                rgb = done.to_rgb(frame)
+                done.got[number] = finish(rgb, done.to_rgb.target) if finish else rgb
 
     with av.open(path) as container:
         stream = container.streams.video[0]
@@ -192,20 +204,26 @@ def _decode_pass(
 
 
 def decode_rgb(
-    path: str, indices: list[int], targets: Targets, threads: int = 1, scale: bool = False
+    path: str,
+    indices: list[int],
+    targets: Targets,
+    threads: int = 1,
+    scale: bool = False,
+    finish: Finish | None = None,
 ) -> tuple[np.ndarray, RgbFilter]:
     """Frames ``indices`` (presentation order, from 0) of ``path`` as uint8 (T, H, W, 3), upright, at their
-    shown size or (``scale``) scaled by swscale to ``targets``; and the filter that made them (its shown size
-    and target). A file whose frames do not all come out is decoded again on one thread (frame threads can
-    drop a damaged file's last frames) before its missing frames make it a ``truncated_video``."""
+    shown size, (``scale``) scaled by swscale to ``targets``, or as ``finish`` makes each one of them as it is
+    decoded; and the filter that made them (its shown size and target). A file whose frames do not all come out is
+    decoded again on one thread (frame threads can drop a damaged file's last frames) before its missing frames
+    make it a ``truncated_video``."""
     wanted = set(indices)
     times, first_error = frame_times(path)
     for pass_threads in dict.fromkeys((threads, 1)):
         try:
-            done = _decode_pass(path, wanted, times, targets, pass_threads, scale)
+            done = _decode_pass(path, wanted, times, targets, pass_threads, scale, finish)
         except _Renumber:
             times = None
-            done = _decode_pass(path, wanted, None, targets, pass_threads, scale)
+            done = _decode_pass(path, wanted, None, targets, pass_threads, scale, finish)
         if len(done.got) == len(wanted):
             return np.stack([done.got[i] for i in indices]), done.to_rgb
     missing = sorted(wanted - done.got.keys())
@@ -217,36 +235,40 @@ def decode_rgb(
     )
 
 
-def resize_like_qwen(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Qwen's resize of uint8 (T, H, W, 3): torchvision's ``resize(BICUBIC, antialias=True)`` on uint8, written as
-    the torch calls it makes (float32, interpolate, clamp, round, uint8), so a decode worker imports torch but not
-    torchvision (2.9 s of start-up a worker, measured). tests/stages/test_decode_worker.py holds it equal to
-    torchvision's call."""
-    import torch
-    from torch.nn.functional import interpolate
+class QwenResize:
+    """Qwen's resize of one uint8 (H, W, 3) frame: torchvision's ``resize(BICUBIC, antialias=True)`` on uint8,
+    written as the torch calls it makes (float32, interpolate, clamp, round, uint8), so a decode worker imports
+    torch but not torchvision (2.9 s of start-up a worker, measured). tests/stages/test_decode_worker.py holds it
+    equal to torchvision's call. Applied to each frame as it is decoded: a worker holds the clip at its resized
+    size, never at the source's (768 sampled 1080p frames would be 4.8 GB); as fast as resizing after (measured)."""
 
-    if frames.shape[1:3] == (height, width):
-        return np.ascontiguousarray(frames)
-    out = np.empty((len(frames), height, width, 3), np.uint8)
-    one = np.empty(frames.shape[1:], np.float32)  # a frame in float, channels last like torchvision's call
-    # One frame at a time (each frame is resized alone either way; its float copy stays in cache: 1.8x faster than
-    # the clip in one call), the float copy made by numpy into one buffer (torch's own uint8 -> float copy of a
-    # channels-last view took 1.5 ms a frame), and the result written channels last a plane at a time: numpy's
-    # float -> uint8 assignment of a (H, W) plane into the (H, W, 3) frame, 0.8 ms a 644x364 frame where torch's
-    # copy of the permuted float result took 1.9 (one thread, measured).
-    for i in range(len(frames)):
-        np.copyto(one, frames[i])
+    def __init__(self):
+        self._float = np.empty(0, np.float32)  # one frame in float, channels last like torchvision's call, reused
+
+    def __call__(self, frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        import torch
+        from torch.nn.functional import interpolate
+
+        if frame.shape[:2] == size:
+            return frame
+        if self._float.shape != frame.shape:
+            self._float = np.empty(frame.shape, np.float32)
+        # numpy's uint8 -> float copy into the reused buffer: torch's own copy of a channels-last view took 1.5 ms
+        np.copyto(self._float, frame)
         resized = interpolate(
-            torch.from_numpy(one).permute(2, 0, 1)[None],
-            size=[height, width],
+            torch.from_numpy(self._float).permute(2, 0, 1)[None],
+            size=list(size),
             mode="bicubic",
             align_corners=False,
             antialias=True,
         )
         planes = resized[0].clamp_(0, 255).round_().numpy()  # whole numbers: to uint8 is exact
+        out = np.empty((*size, 3), np.uint8)
+        # A plane at a time: numpy's float -> uint8 assignment of a (H, W) plane into the (H, W, 3) frame, 0.8 ms a
+        # 644x364 frame where torch's copy of the permuted float result took 1.9 (one thread, measured).
         for channel, plane in enumerate(planes):
-            out[i, :, :, channel] = plane
-    return out
+            out[:, :, channel] = plane
+        return out
 
 
 def decode_planned(
@@ -254,8 +276,8 @@ def decode_planned(
 ) -> np.ndarray:
     """Frames ``indices`` of ``path`` at their ``targets`` size, resized exactly or (``fast``) by swscale: uint8
     (T, H, W, 3)."""
-    frames, to_rgb = decode_rgb(path, indices, targets, threads, scale=resize == "fast")
-    return frames if resize == "fast" else resize_like_qwen(frames, *to_rgb.target)
+    fast = resize == "fast"
+    return decode_rgb(path, indices, targets, threads, scale=fast, finish=None if fast else QwenResize())[0]
 
 
 def fast_resize_error(path: str, index: int, fast_first: np.ndarray) -> dict:

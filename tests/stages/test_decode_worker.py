@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as tvf
 
-from stages.decode.video_frames import Targets, resize_like_qwen
+from stages.decode.video_frames import QwenResize, Targets, decode_planned
 from tests.conftest import REPO
 from tests.stages.test_decode import make_clip
 
@@ -32,9 +33,24 @@ def test_resize_equals_torchvision_bit_for_bit(size, target):
     frames = np.random.default_rng(0).integers(0, 256, (3, *size, 3), dtype=np.uint8)
     video = torch.from_numpy(frames).permute(0, 3, 1, 2)
     expected = tvf.resize(video, list(target), interpolation=InterpolationMode.BICUBIC, antialias=True)
-    mine = resize_like_qwen(frames, *target)
+    resize = QwenResize()  # one for the clip, as a worker uses it: its float buffer is reused frame to frame
+    mine = np.stack([resize(frame, target) for frame in frames])
     assert mine.shape == (3, *target, 3)
     assert np.array_equal(mine, expected.permute(0, 2, 3, 1).numpy())
+
+
+def test_the_exact_path_holds_the_clip_at_its_resized_size(tmp_path):
+    """Each frame is resized as it is decoded: 30 sampled 1280x720 frames resized to 196x112 never have the 30
+    source frames in memory at once (768 sampled 1080p frames would be 4.8 GB in every worker)."""
+    make_clip(tmp_path / "clip.mp4", 1.0, 30, 1280, 720)
+    tracemalloc.start()
+    try:
+        frames = decode_planned(str(tmp_path / "clip.mp4"), list(range(30)), Targets((112, 196), (196, 112)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert frames.shape == (30, 112, 196, 3)
+    assert peak < 12 * 1280 * 720 * 3  # a frame in float (4 source frames' bytes), one source frame, the output
 
 
 def test_worker_decodes_without_the_stage_libraries(tmp_path):
