@@ -3,14 +3,15 @@ decoding every frame (an independent reference): bit for bit, upright, and damag
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
-import av
 import imageio_ffmpeg
 import numpy as np
 import pytest
 
-from stages.decode.video_frames import DecodeError, RgbFilter, Targets, decode_planned, decode_rgb
+from stages.decode.video_frames import DecodeError, Targets, decode_planned, decode_rgb
+from tests.conftest import REPO
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 SIZE = (96, 160)  # (height, width) as coded
@@ -92,22 +93,32 @@ def test_fast_resize_equals_the_command_line_scaling_in_rgb(clips, name, targets
     assert np.array_equal(frames, reference[[10, 80]])
 
 
-def os_threads() -> int:
-    return int(next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("Threads:"))
-               .split()[1])  # fmt: skip
+THREADS_STARTED = """
+import sys
+from pathlib import Path
+import av
+from stages.decode.video_frames import RgbFilter, Targets
+def threads():
+    status = Path("/proc/self/status").read_text().splitlines()
+    return int(next(line for line in status if line.startswith("Threads:")).split()[1])
+with av.open(sys.argv[1]) as container:
+    first = next(container.decode(video=0))
+    before = threads()
+    scale = RgbFilter(first, Targets((112, 168), (168, 112)), scale=True, threads=int(sys.argv[2]))
+    assert scale(first).shape == (112, 168, 3)
+    print(threads() - before)
+"""
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="FFmpeg starts no slice threads on one core")
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_fast_scale_keeps_to_the_workers_thread_share(clips, threads):
     """The scale filter's graph runs on the worker's share of the cores (FFmpeg's default starts a slice thread
-    per core in every worker's graph, which cost 5% more CPU a clip, measured), on one thread where given one."""
-    with av.open(str(clips / "plain.mp4")) as container:
-        first = next(container.decode(video=0))
-        before = os_threads()
-        scale = RgbFilter(first, Targets((112, 168), (168, 112)), scale=True, threads=threads)
-        assert scale(first).shape == (112, 168, 3)
-        assert (os_threads() > before) == (threads > 1)
+    per core in every worker's graph, which cost 5% more CPU a clip, measured), on one thread where given one.
+    Counted in a process of its own: no other test's threads come or go there."""
+    run = [sys.executable, "-c", THREADS_STARTED, str(clips / "plain.mp4"), str(threads)]
+    started = int(subprocess.run(run, cwd=REPO, capture_output=True, text=True, check=True).stdout)
+    assert (started > 0) == (threads > 1)
 
 
 def test_a_cut_file_keeps_its_frames_and_rejects_the_missing_ones(clips, tmp_path):
