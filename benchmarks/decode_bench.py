@@ -141,8 +141,8 @@ def main() -> None:
             file.write_text(yaml.safe_dump({**dumped, "decode": {**dumped["decode"], "resize": resize}}))
         result = stage_run(root, files["exact"])
         store = FrameStore(root / "data/frames")
-        rows = [dict(store[k]) for k in store]  # what the CLI is asked for, kept: the fast runs replace the shards
-        keys = list(store)
+        rows = [store[k] for k in store]  # what the CLI is asked for, kept: the fast runs replace the shards
+        keys = [row["video_key"] for row in rows]
         start = time.perf_counter()
         fetched = sum(len(store.get(k).frames) for _ in range(5) for k in keys)
         shard_fps = fetched / (time.perf_counter() - start)

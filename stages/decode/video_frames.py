@@ -243,20 +243,21 @@ class QwenResize:
     size, never at the source's (768 sampled 1080p frames would be 4.8 GB); as fast as resizing after (measured)."""
 
     def __init__(self):
+        import torch  # here, not at the module's top: the fast path's workers never load torch
+        from torch.nn.functional import interpolate
+
+        self._from_numpy, self._interpolate = torch.from_numpy, interpolate
         self._float = np.empty(0, np.float32)  # one frame in float, channels last like torchvision's call, reused
 
     def __call__(self, frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        import torch
-        from torch.nn.functional import interpolate
-
         if frame.shape[:2] == size:
             return frame
         if self._float.shape != frame.shape:
             self._float = np.empty(frame.shape, np.float32)
         # numpy's uint8 -> float copy into the reused buffer: torch's own copy of a channels-last view took 1.5 ms
         np.copyto(self._float, frame)
-        resized = interpolate(
-            torch.from_numpy(self._float).permute(2, 0, 1)[None],
+        resized = self._interpolate(
+            self._from_numpy(self._float).permute(2, 0, 1)[None],
             size=list(size),
             mode="bicubic",
             align_corners=False,
