@@ -105,11 +105,12 @@ class RgbFilter:
 
 def interleave_gbrp(frame: av.VideoFrame) -> np.ndarray:
     """A gbrp frame as packed uint8 (H, W, 3) RGB: a plane at a time into the packed frame (cheaper than PyAV's
-    to_ndarray and a reorder of its channels)."""
+    to_ndarray and a reorder of its channels). A bottom-up plane (negative line size: a planar RGB source flipped
+    by `vflip` and passed through unscaled) is exposed from its lowest address, so its rows come reversed."""
     out = np.empty((frame.height, frame.width, 3), np.uint8)
     for channel, plane in zip((1, 2, 0), frame.planes, strict=True):  # gbrp stores G, B, R
-        rows = np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size)
-        out[:, :, channel] = rows[:, : frame.width]
+        rows = np.frombuffer(plane, np.uint8).reshape(frame.height, abs(plane.line_size))
+        out[:, :, channel] = rows[::-1, : frame.width] if plane.line_size < 0 else rows[:, : frame.width]
     return out
 
 
