@@ -81,6 +81,7 @@ def test_rotated_and_flipped_videos_are_shown_as_the_command_line_shows_them(cli
     [
         ("rot90", Targets((84, 140), (140, 84)), (140, 84)),  # rotated (the target follows it), scaled down
         ("plain", Targets((112, 168), (168, 112)), (112, 168)),  # scaled up, as 640x360 -> 644x364
+        ("plain", Targets(SIZE, SIZE[::-1]), SIZE),  # at its own size: YUV to planar RGB alone
     ],
 )
 def test_fast_resize_equals_the_command_line_scaling_in_rgb(clips, name, targets, shown):
