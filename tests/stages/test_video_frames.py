@@ -98,17 +98,8 @@ def test_a_planar_rgb_source_shown_flipped_at_its_own_size(tmp_path):
     """H.264 coded in RGB decodes to planar gbrp; flipped by its display matrix and not rescaled, the fast path's
     frame comes out of the graph bottom-up (a negative line size). Its pixels are still the command line's."""
     coded = tmp_path / "rgb.mp4"
-    ffmpeg_cli(
-        "-f",
-        "lavfi",
-        "-i",
-        f"testsrc2=duration=1:size={SIZE[1]}x{SIZE[0]}:rate=30",
-        "-c:v",
-        "libx264rgb",
-        "-pix_fmt",
-        "bgr24",
-        str(coded),
-    )
+    source = ["-f", "lavfi", "-i", f"testsrc2=duration=1:size={SIZE[1]}x{SIZE[0]}:rate=30"]
+    ffmpeg_cli(*source, "-c:v", "libx264rgb", "-pix_fmt", "bgr24", str(coded))
     flipped = tmp_path / "vflip.mp4"
     ffmpeg_cli("-display_vflip", "-i", str(coded), "-c", "copy", str(flipped))
     reference = every_frame(flipped, *SIZE)
