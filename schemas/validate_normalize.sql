@@ -31,18 +31,16 @@ WITH msg_lists AS (
                                                  'content': c.value})
     FROM parsed WHERE s.messages IS NULL AND s.conversations IS NOT NULL
 )
-SELECT source, row, fmt, generate_subscripts(ms, 1) - 1 AS msg_idx, unnest(ms, recursive := true)
-FROM msg_lists;
+SELECT *, json_type(content) AS ctype   -- each content's JSON type, computed once for the parts and the rules
+FROM (SELECT source, row, fmt, generate_subscripts(ms, 1) - 1 AS msg_idx, unnest(ms, recursive := true) FROM msg_lists);
 
 CREATE OR REPLACE TEMP TABLE parts AS
-WITH content_typed AS (
-    SELECT *, json_type(content) AS ctype FROM turns
-), list_parts AS (            -- messages whose content is a list of parts
+WITH list_parts AS (            -- messages whose content is a list of parts
     SELECT source, row, msg_idx, role, generate_subscripts(ps, 1) - 1 AS part_idx, unnest(ps) AS p
     FROM (SELECT *, json_transform(content,
               '[{"type": "VARCHAR", "text": "VARCHAR", "image_url": "JSON", "video_url": "JSON", "image": "JSON",
                  "video": "JSON", "video_start": "DOUBLE", "video_end": "DOUBLE"}]') AS ps
-          FROM content_typed WHERE fmt = 'messages' AND ctype = 'ARRAY')
+          FROM turns WHERE fmt = 'messages' AND ctype = 'ARRAY')
 ), from_lists AS (
     SELECT source, row, msg_idx, role, part_idx, p.type AS ptype,
            CASE WHEN p.type = 'text' THEN p.text END AS text,
@@ -67,11 +65,11 @@ WITH content_typed AS (
 ), string_turns AS (          -- messages whose content is a plain string: one text part
     SELECT source, row, msg_idx, role, 0 AS part_idx, 'text' AS ptype, json_extract_string(content, '$') AS text,
            NULL AS kind, NULL AS ref, false AS is_frame_list, NULL::DOUBLE AS video_start, NULL::DOUBLE AS video_end
-    FROM content_typed WHERE fmt = 'messages' AND ctype = 'VARCHAR'
+    FROM turns WHERE fmt = 'messages' AND ctype = 'VARCHAR'
 ), conv_pieces AS (           -- Qwen official format: split each value on its <image>/<video> tags
     SELECT source, row, msg_idx, role,
            regexp_split_to_array(value, '<image>|<video>') AS pieces, regexp_extract_all(value, '<image>|<video>') AS tags
-    FROM (SELECT *, json_extract_string(content, '$') AS value FROM content_typed
+    FROM (SELECT *, json_extract_string(content, '$') AS value FROM turns
           WHERE fmt = 'conversations' AND ctype = 'VARCHAR')
 ), conv_slots AS (
     SELECT source, row, msg_idx, role, tags, generate_subscripts(pieces, 1) - 1 AS i, unnest(pieces) AS piece

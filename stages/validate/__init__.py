@@ -98,7 +98,7 @@ def _memory_is_clear(limit: str):
 
 
 def validate_into(con: duckdb.DuckDBPyConnection, params: Params, root: Path) -> None:
-    """Fill ``con`` with the tables `raw`, `accepted` and `rejects` for ``params``."""
+    """Fill ``con`` with the tables `raw` and `rejects` and the view `accepted` for ``params``."""
     cfg = params.dataset_config
     entries = cfg.all_datasets()
     load_all(con, [d for d, _ in entries], root)
@@ -152,12 +152,11 @@ def run(params: Params, root: Path = Path(".")) -> ValidateResult:
                 f"COPY (SELECT * EXCLUDE (source_order) FROM {table} {SAMPLES_SORT}) "
                 f"TO '{tmp / name}' (FORMAT parquet, COMPRESSION zstd)"
             )
-    accepted = con.execute("SELECT count(*) FROM accepted").fetchone()[0]
+    accepted, held_out = con.execute("SELECT count(*), count(*) FILTER (WHERE split = 'eval') FROM accepted").fetchone()
     by_reason = dict(con.execute("SELECT reason, count(*) FROM rejects GROUP BY reason ORDER BY reason").fetchall())
     rejected = sum(by_reason.values())
     if accepted + rejected != n_input:  # the stage's promise; a broken rule must never lose rows silently
         raise AssertionError(f"validate lost rows: input {n_input} != accepted {accepted} + rejected {rejected}")
-    held_out = con.execute("SELECT count(*) FROM accepted WHERE split = 'eval'").fetchone()[0]
     result = ValidateResult(
         n_input, accepted, rejected, by_reason.get("duplicate", 0), held_out, by_reason, time.perf_counter() - start
     )

@@ -143,6 +143,11 @@ def test_good_row_is_accepted(project):
         ),
         ('{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]}', "empty_text"),
         ('{"messages": [{"role": "user", "content": []}, {"role": "assistant", "content": "y"}]}', "empty_text"),
+        # Unicode space separators alone are empty too (a newline between Qwen tags is not: the demo's accepted).
+        (
+            '{"messages": [{"role": "user", "content": "\\u00a0 \\u3000"}, {"role": "assistant", "content": "y"}]}',
+            "empty_text",
+        ),
         (
             '{"messages": [{"role": "user", "content": ["bare string part"]}, {"role": "assistant", "content": "y"}]}',
             "missing_part_type",
