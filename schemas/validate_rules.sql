@@ -121,7 +121,10 @@ SELECT v.source, v.row, arg_min(v.reason, (r.priority, v.msg_idx, v.part_idx)) A
 FROM violations v JOIN reasons r ON r.code = v.reason
 GROUP BY v.source, v.row;
 
--- Accepted candidates in the normal form (qwen-vl-utils parts, resolved media paths), each with its sample id.
+DROP TABLE violations;
+DROP TABLE media_refs;
+
+-- Accepted candidates in the normal form (qwen-vl-utils parts, resolved media paths).
 -- The messages JSON is assembled as one string per row; every value in it goes through to_json, so it is valid
 -- JSON by construction. Order inside a row comes from list_sort on (message, part) keys: measured 2x faster than
 -- ORDER BY aggregates and 4x faster than nested list()/json_object aggregation. The media lists are aggregated
@@ -131,7 +134,7 @@ SELECT source, row, list_sort(list(struct_pack(msg_idx, part_idx, kind, path, fr
                                                duration, fps, nframes, video_start, video_end))) AS media
 FROM part_media ANTI JOIN first_violation USING (source, row) GROUP BY source, row;
 
-CREATE OR REPLACE TEMP TABLE identified AS
+CREATE OR REPLACE TEMP TABLE candidates AS
 WITH part_json AS (
     SELECT source, row, msg_idx, part_idx, role, '{"type":"text","text":' || to_json(text) || '}' AS part_json
     FROM parts WHERE kind IS NULL
@@ -151,19 +154,21 @@ WITH part_json AS (
                                                 || '{"role":' || to_json(role) || ',"content":[' ELSE ',' END
                     || part_json))), lambda x: x.s), '') || ']}]' AS messages
     FROM part_json ANTI JOIN first_violation USING (source, row) GROUP BY source, row
-), candidates AS (
-    SELECT source, row, messages, coalesce(media, []) AS media FROM messages LEFT JOIN media_lists USING (source, row)
 )
+SELECT source, row, messages, coalesce(media, []) AS media FROM messages LEFT JOIN media_lists USING (source, row);
+
+DROP TABLE parts;
+DROP TABLE part_media;
+DROP TABLE media_lists;
+
 -- The sample id hashes the normal form and its media content.
+CREATE OR REPLACE TEMP TABLE identified AS
 SELECT c.source, c.row, c.messages, c.media, d.source_order,
        substr(sha256(c.messages || chr(30) || array_to_string(list_transform(c.media, lambda m: m.sha256), ',')), 1, 16)
            AS sample_id
 FROM candidates c JOIN datasets d USING (source);
 
-DROP TABLE violations;
-DROP TABLE parts;
-DROP TABLE part_media;
-DROP TABLE media_lists;
+DROP TABLE candidates;
 
 -- Exact duplicates keep their first occurrence (dataset order, then row). Only ids seen more than once are ranked.
 CREATE OR REPLACE TEMP TABLE duplicates AS
