@@ -225,6 +225,20 @@ def test_missing_dataset_file_stops_and_writes_nothing(project):
     assert not (project / "metrics/validate.json").exists()
 
 
+def test_a_json_array_broken_after_its_first_batches_stops_with_its_own_error(project, monkeypatch):
+    """DuckDB pulls a file's rows as a stream; an error met partway (rows already loaded) is still the loader's
+    own StageInputError naming the file, and nothing is written."""
+    from schemas.params import parse_params
+    from stages.validate import load
+
+    monkeypatch.setattr(load, "BATCH_ROWS", 2)
+    (project / "data/demo/a.json").write_text("[" + ", ".join([GOOD] * 5) + "} x")
+    params = parse_params({"dataset_config": {"datasets": [{"path": "data/demo/a.json", "data_type": "json"}]}})
+    with pytest.raises(StageInputError, match="a.json: not a valid JSON file"):
+        run(params, project)
+    assert not (project / "data/validated").exists()
+
+
 def test_file_without_messages_stops(project):
     (project / "data/demo/t.jsonl").write_text('{"prompt": "a", "completion": "b"}\n' * 3)
     _, params = jsonl_params()
