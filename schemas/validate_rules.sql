@@ -127,12 +127,20 @@ DROP TABLE media_refs;
 -- Accepted candidates in the normal form (qwen-vl-utils parts, resolved media paths).
 -- The messages JSON is assembled as one string per row; every value in it goes through to_json, so it is valid
 -- JSON by construction. Order inside a row comes from list_sort on (message, part) keys: measured 2x faster than
--- ORDER BY aggregates and 4x faster than nested list()/json_object aggregation. The media lists are aggregated
--- from the media parts alone (a list of 13-field structs per part costs 3x a string's; 1M rows: 4.1 -> 3.4 s).
+-- ORDER BY aggregates and 4x faster than nested list()/json_object aggregation.
+-- Each row's media list is built from the media parts alone, and a row with one media part (the common case)
+-- gets its list without an aggregate: list() of 13-field structs costs 3x a string's (1M rows: 1.24 -> 0.74 s).
 CREATE OR REPLACE TEMP TABLE media_lists AS
-SELECT source, row, list_sort(list(struct_pack(msg_idx, part_idx, kind, path, frame_paths, sha256, width, height,
-                                               duration, fps, nframes, video_start, video_end))) AS media
-FROM part_media ANTI JOIN first_violation USING (source, row) GROUP BY source, row;
+WITH good AS (
+    SELECT source, row, struct_pack(msg_idx, part_idx, kind, path, frame_paths, sha256, width, height, duration, fps,
+                                    nframes, video_start, video_end) AS item
+    FROM part_media ANTI JOIN first_violation USING (source, row)
+), counts AS (SELECT source, row, count(*) AS n FROM good GROUP BY source, row)
+SELECT source, row, [item] AS media
+FROM good SEMI JOIN (SELECT source, row FROM counts WHERE n = 1) USING (source, row)
+UNION ALL
+SELECT source, row, list_sort(list(item))
+FROM good SEMI JOIN (SELECT source, row FROM counts WHERE n > 1) USING (source, row) GROUP BY source, row;
 
 CREATE OR REPLACE TEMP TABLE candidates AS
 WITH part_json AS (
