@@ -169,12 +169,20 @@ DROP TABLE parts;
 DROP TABLE part_media;
 DROP TABLE media_lists;
 
--- The sample id hashes the normal form and its media content.
+-- The sample id hashes the normal form and its media content. split: an eval dataset's samples, and the training
+-- samples whose id hashes under eval_ratio (held out).
 CREATE OR REPLACE TEMP TABLE identified AS
-SELECT c.source, c.row, c.messages, c.media, d.source_order,
-       substr(sha256(c.messages || chr(30) || array_to_string(list_transform(c.media, lambda m: m.sha256), ',')), 1, 16)
-           AS sample_id
-FROM candidates c JOIN datasets d USING (source);
+WITH hashed AS (
+    SELECT c.source, c.row, c.messages, c.media, d.source_order, d.split AS dataset_split,
+           substr(sha256(c.messages || chr(30) || array_to_string(list_transform(c.media, lambda m: m.sha256), ',')),
+                  1, 16) AS sample_id
+    FROM candidates c JOIN datasets d USING (source)
+)
+SELECT sample_id, source, row, messages, media, source_order,
+       CASE WHEN dataset_split = 'eval'
+                 OR ('0x' || substr(sha256('eval-split:' || sample_id), 1, 8))::UBIGINT < getvariable('eval_threshold')
+            THEN 'eval' ELSE 'train' END AS split
+FROM hashed;
 
 DROP TABLE candidates;
 
@@ -190,16 +198,8 @@ ranked AS (
 )
 SELECT source, row, source_order, first_seen FROM ranked WHERE occurrence > 1;
 
--- split: an eval dataset's samples, and the training samples whose id hashes under eval_ratio (held out).
 -- A view: the write and the counts read it once each (a table would copy every sample once more, 0.4 s at 1M rows).
-CREATE OR REPLACE TEMP VIEW accepted AS
-WITH kept AS (SELECT * FROM identified ANTI JOIN duplicates USING (source, row))
-SELECT k.sample_id, k.source, k.row, k.messages, k.media, k.source_order,
-       CASE WHEN d.split = 'eval'
-                 OR ('0x' || substr(sha256('eval-split:' || k.sample_id), 1, 8))::UBIGINT
-                    < getvariable('eval_threshold')
-            THEN 'eval' ELSE 'train' END AS split
-FROM kept k JOIN datasets d USING (source);
+CREATE OR REPLACE TEMP VIEW accepted AS SELECT * FROM identified ANTI JOIN duplicates USING (source, row);
 
 CREATE OR REPLACE TEMP TABLE rejects AS
 SELECT p.source, p.row, f.reason, f.detail, p.line AS raw, d.source_order
