@@ -126,8 +126,9 @@ DROP TABLE media_refs;
 
 -- Accepted candidates in the normal form (qwen-vl-utils parts, resolved media paths).
 -- The messages JSON is assembled as one string per row; every value in it goes through to_json, so it is valid
--- JSON by construction. Order inside a row comes from list_sort on (message, part) keys: measured 2x faster than
--- ORDER BY aggregates and 4x faster than nested list()/json_object aggregation.
+-- JSON by construction. Order inside a row comes from its own (message, part) keys, list_grade_up then list_select:
+-- measured faster than list_sort on the structs (1M rows: 1.73 -> 1.46 s), which was 2x faster than ORDER BY
+-- aggregates and 4x faster than nested list()/json_object aggregation.
 -- Each row's media list is built from the media parts alone, and a row with one media part (the common case)
 -- gets its list without an aggregate: list() of 13-field structs costs 3x a string's (1M rows: 1.24 -> 0.74 s).
 CREATE OR REPLACE TEMP TABLE media_lists AS
@@ -154,16 +155,19 @@ WITH part_json AS (
                 ELSE '{"type":"video","video":' || to_json(path) || ',"video_start":' || to_json(video_start)
                      || ',"video_end":' || to_json(video_end) || '}' END
     FROM part_media
-), messages AS (
+), pieces AS (
     SELECT source, row,
-           '[' || array_to_string(list_transform(list_sort(list(struct_pack(
-               k := msg_idx * 100000 + part_idx,
-               s := CASE WHEN part_idx = 0 THEN CASE WHEN msg_idx > 0 THEN ']},' ELSE '' END
-                                                || '{"role":' || to_json(role) || ',"content":[' ELSE ',' END
-                    || part_json))), lambda x: x.s), '') || ']}]' AS messages
+           list(struct_pack(k := msg_idx * 100000 + part_idx,
+                            s := CASE WHEN part_idx = 0 THEN CASE WHEN msg_idx > 0 THEN ']},' ELSE '' END
+                                                             || '{"role":' || to_json(role) || ',"content":['
+                                      ELSE ',' END || part_json)) AS items
     FROM part_json ANTI JOIN first_violation USING (source, row) GROUP BY source, row
 )
-SELECT source, row, messages, coalesce(media, []) AS media FROM messages LEFT JOIN media_lists USING (source, row);
+SELECT source, row,
+       '[' || array_to_string(list_transform(list_select(items, list_grade_up(list_transform(items, lambda x: x.k))),
+                                             lambda x: x.s), '') || ']}]' AS messages,
+       coalesce(media, []) AS media
+FROM pieces LEFT JOIN media_lists USING (source, row);
 
 DROP TABLE parts;
 DROP TABLE part_media;
