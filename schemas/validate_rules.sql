@@ -122,7 +122,6 @@ FROM violations v JOIN reasons r ON r.code = v.reason
 GROUP BY v.source, v.row;
 
 DROP TABLE violations;
-DROP TABLE media_refs;
 
 -- Accepted candidates in the normal form (qwen-vl-utils parts, resolved media paths).
 -- The messages JSON is assembled as one string per row; every value in it goes through to_json, so it is valid

@@ -133,6 +133,7 @@ def validate_into(con: duckdb.DuckDBPyConnection, params: Params, root: Path) ->
     (root / MEDIA_STORE).mkdir(parents=True, exist_ok=True)
     cache = ProbeCache(root / vcfg.media_cache)
     refs = con.execute("SELECT kind, is_frame_list, data_folder, ref FROM media_refs ORDER BY ALL").fetchall()
+    con.execute("DROP TABLE media_refs")  # read once, here: its memory goes back to DuckDB before the rules
     con.register("media_checks", MediaChecker(rules, cache).check_all(refs))
     cache.save()
     _run_sql(con, "validate_rules.sql")

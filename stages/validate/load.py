@@ -4,8 +4,8 @@ A row is one JSON object as text. JSONL lines are kept byte for byte (invalid UT
 JSON arrays and Parquet rows are serialised to JSON text. A file that is missing or whose rows hold no
 messages at all stops the stage with one error naming the file.
 
-Memory does not grow with the dataset: JSONL and JSON files are read in blocks of READ_BYTES and handed to
-DuckDB a batch at a time (DuckDB keeps `raw` within validate.memory_limit, spilling beyond it); Parquet rows go
+Memory does not grow with the dataset: JSONL and JSON files are read in blocks of READ_BYTES that DuckDB pulls
+as one stream of batches (it keeps `raw` within validate.memory_limit, spilling beyond it); Parquet rows go
 from read_parquet to `raw` inside DuckDB without passing through Python.
 """
 
