@@ -24,10 +24,11 @@ from schemas.errors import StageInputError
 from schemas.params import Params
 from schemas.tables import DECODE_REJECTS_SCHEMA, FRAME_INDEX_SCHEMA
 from stages.cpus import available_cpus
+from stages.decode.exact_resize import Size, plan_resize
 from stages.decode.sampling import SamplingOptions, plan_frames, resize_for, video_key
 from stages.decode.shards import INDEX_ARROW, INDEX_FILE, ShardWriter
 from stages.decode.video_frames import DecodeError, Targets, fast_resize_error
-from stages.decode.worker import FrameListTask, VideoTask, decode_task, limit_torch_threads
+from stages.decode.worker import FrameListTask, VideoTask, decode_task
 from stages.executor import in_local_pool, map_chunks
 from stages.families import family
 from stages.io import atomic_dir, relative_to_root, write_json
@@ -107,7 +108,15 @@ def plan_task(
         "fps_sampled": plan.fps_sampled,
     }
     targets = Targets((plan.height, plan.width), resize_for(len(plan.indices), job.src_width, job.src_height, options))
-    return VideoTask(str(root / job.path), tuple(plan.indices), targets, fields, threads, resize, spool)
+    plans = exact_plans((job.src_height, job.src_width), targets) if resize == "exact" else None
+    return VideoTask(str(root / job.path), tuple(plan.indices), targets, fields, threads, resize, spool, plans)
+
+
+def exact_plans(shown: Size, targets: Targets) -> dict:
+    """The exact resize's compiled plans for a video of ``shown`` (height, width) frames, upright or turned a
+    quarter (the rotation is known once a frame is decoded); a pair left out is resized by torch in the worker."""
+    pairs = {(shown, targets.size), (shown[::-1], targets.rotated_size)}
+    return {pair: plan for pair in pairs if pair[0] != pair[1] and (plan := plan_resize(*pair))}
 
 
 class IndexWriter:
@@ -267,10 +276,8 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
             workers=workers,
             config=params.orchestration,
             name="decode",
-            init=limit_torch_threads if exact else None,
-            init_args=(threads,),
-            preload=("stages.decode.worker", *(("torch",) if exact else ())),
-            start_here=True,  # this process has the worker's modules already (torch with qwen-vl-utils)
+            preload=("stages.decode.worker", *(("stages.decode.exact_resize",) if exact else ())),
+            start_here=True,  # this process has the worker's modules already
         )
         with contextlib.closing(results):
             for i, (job, result) in enumerate(

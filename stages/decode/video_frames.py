@@ -237,50 +237,21 @@ def decode_rgb(
     )
 
 
-class QwenResize:
-    """Qwen's resize of one uint8 (H, W, 3) frame: torchvision's ``resize(BICUBIC, antialias=True)`` on uint8,
-    written as the torch calls it makes (float32, interpolate, clamp, round, uint8), so a decode worker imports
-    torch but not torchvision (2.9 s of start-up a worker, measured). tests/stages/test_decode_worker.py holds it
-    equal to torchvision's call. Applied to each frame as it is decoded: a worker holds the clip at its resized
-    size, never at the source's (768 sampled 1080p frames would be 4.8 GB); as fast as resizing after (measured)."""
-
-    def __init__(self):
-        import torch  # here, not at the module's top: the fast path's workers never load torch
-        from torch.nn.functional import interpolate
-
-        self._from_numpy, self._interpolate = torch.from_numpy, interpolate
-        self._float = np.empty(0, np.float32)  # one frame in float, channels last like torchvision's call, reused
-
-    def __call__(self, frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        if frame.shape[:2] == size:
-            return frame
-        if self._float.shape != frame.shape:
-            self._float = np.empty(frame.shape, np.float32)
-        # numpy's uint8 -> float copy into the reused buffer: torch's own copy of a channels-last view took 1.5 ms
-        np.copyto(self._float, frame)
-        resized = self._interpolate(
-            self._from_numpy(self._float).permute(2, 0, 1)[None],
-            size=list(size),
-            mode="bicubic",
-            align_corners=False,
-            antialias=True,
-        )
-        planes = resized[0].clamp_(0, 255).round_().numpy()  # whole numbers: to uint8 is exact
-        out = np.empty((*size, 3), np.uint8)
-        # A plane at a time: numpy's float -> uint8 assignment of a (H, W) plane into the (H, W, 3) frame, 0.8 ms a
-        # 644x364 frame where torch's copy of the permuted float result took 1.9 (one thread, measured).
-        for channel, plane in enumerate(planes):
-            out[:, :, channel] = plane
-        return out
-
-
 def decode_planned(
-    path: str, indices: list[int], targets: Targets, threads: int = 1, resize: str = "exact"
+    path: str,
+    indices: list[int],
+    targets: Targets,
+    threads: int = 1,
+    resize: str = "exact",
+    plans: dict | None = None,
 ) -> np.ndarray:
-    """Frames ``indices`` of ``path`` at their ``targets`` size, resized exactly or (``fast``) by swscale: uint8
-    (T, H, W, 3)."""
-    fast = resize == "fast"
-    return decode_rgb(path, indices, targets, threads, scale=fast, finish=None if fast else QwenResize())[0]
+    """Frames ``indices`` of ``path`` at their ``targets`` size, resized exactly (by ``plans``, the compiled passes
+    for its (source, target) sizes, where given; see exact_resize.py) or (``fast``) by swscale: uint8 (T, H, W, 3)."""
+    if resize == "fast":
+        return decode_rgb(path, indices, targets, threads, scale=True)[0]
+    from stages.decode.exact_resize import QwenResize  # here: the fast path's workers never load numba
+
+    return decode_rgb(path, indices, targets, threads, finish=QwenResize(plans, threads))[0]
 
 
 def fast_resize_error(path: str, index: int, fast_first: np.ndarray) -> dict:

@@ -1,19 +1,17 @@
 """What a decode worker process runs: one planned video in, its frames out.
 
-The stage process plans every video (qwen-vl-utils' arithmetic) and hands a worker plain data, so a worker
-imports numpy, PyAV and, for the exact resize, torch, but not the stage's DuckDB, pyarrow, pydantic,
-torchvision or qwen-vl-utils (a worker's start-up 7.0 -> 0.3 s, measured; torch adds 3.4-4 s, for the exact resize
-only). Only a list of frame images, which qwen-vl-utils' fetch_video builds itself, imports it, in the worker that
-meets one.
+The stage process plans every video (qwen-vl-utils' arithmetic, and the exact resize's compiled plans) and hands
+a worker plain data, so a worker imports numpy, PyAV and, for the exact resize, numba (0.7 s), but not torch,
+the stage's DuckDB, pyarrow, pydantic, torchvision or qwen-vl-utils (a worker's start-up 7.0 -> 0.3 s, measured;
+torch would add 3.4-4 s). Only a list of frame images, which qwen-vl-utils' fetch_video builds itself, imports
+them, in the worker that meets one; a size pair without a plan loads torch for its resize.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import partial
 
 import numpy as np
 
@@ -31,6 +29,7 @@ class VideoTask:
     threads: int = 1
     resize: str = "exact"
     spool: str | None = None  # a file for the frames (see Decoded), where the stage gives one
+    plans: dict | None = None  # the exact resize's compiled plans, by (source, target) size (exact_resize.py)
 
 
 @dataclass(frozen=True)
@@ -76,16 +75,6 @@ class Decoded:
         return frames
 
 
-def limit_torch_threads(threads: int) -> Callable[[], None]:
-    """A worker's start (exact resize): torch keeps to the worker's share of the cores, where it would take them
-    all in every worker. Returns what undoes it, for the stage process that decodes the first videos itself."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    return partial(torch.set_num_threads, before)
-
-
 def decode_task(task: VideoTask | FrameListTask | DecodeError) -> Decoded | DecodeError:
     """The task's frames, or a DecodeError (one the stage met while planning passes through unchanged)."""
     if isinstance(task, DecodeError):
@@ -94,7 +83,7 @@ def decode_task(task: VideoTask | FrameListTask | DecodeError) -> Decoded | Deco
         if isinstance(task, FrameListTask):
             decoded = _decode_frame_list(task)
         else:
-            frames = decode_planned(task.path, list(task.indices), task.targets, task.threads, task.resize)
+            frames = decode_planned(task.path, list(task.indices), task.targets, task.threads, task.resize, task.plans)
             decoded = Decoded(frames, task.fields)
     except DecodeError as exc:
         return exc

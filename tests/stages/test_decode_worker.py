@@ -1,9 +1,10 @@
 """The decode worker: Qwen's resize without torchvision, and a worker process that imports none of the stage."""
 
-import json
+import pickle
 import subprocess
 import sys
 import tracemalloc
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,9 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as tvf
 
-from stages.decode.video_frames import QwenResize, Targets, decode_planned
+from stages.decode.exact_resize import QwenResize, plan_resize
+from stages.decode.video_frames import Targets, decode_planned
+from stages.decode.worker import VideoTask
 from tests.conftest import REPO
 from tests.stages.test_decode import make_clip
 
@@ -28,15 +31,32 @@ from tests.stages.test_decode import make_clip
     ],
 )
 def test_resize_equals_torchvision_bit_for_bit(size, target):
-    """The call fetch_video makes (torchvision, uint8 in and out) on random frames: every value equal, downscale,
-    upscale and one side only."""
+    """The call fetch_video makes (torchvision, uint8 in and out) on random frames: every value equal, by the
+    compiled passes and by torch's own call, downscale, upscale and one side only."""
     frames = np.random.default_rng(0).integers(0, 256, (3, *size, 3), dtype=np.uint8)
     video = torch.from_numpy(frames).permute(0, 3, 1, 2)
     expected = tvf.resize(video, list(target), interpolation=InterpolationMode.BICUBIC, antialias=True)
-    resize = QwenResize()  # one for the clip, as a worker uses it: its float buffer is reused frame to frame
-    mine = np.stack([resize(frame, target) for frame in frames])
-    assert mine.shape == (3, *target, 3)
-    assert np.array_equal(mine, expected.permute(0, 2, 3, 1).numpy())
+    expected = expected.permute(0, 2, 3, 1).numpy()
+    plan = plan_resize(size, target)
+    assert plan is not None  # torch's arithmetic reproduced on this machine
+    for resize in (QwenResize({(size, target): plan}), QwenResize()):  # compiled, then torch's own call
+        mine = np.stack([resize(frame, target) for frame in frames])  # one resize a clip: buffers reused
+        assert mine.shape == (3, *target, 3)
+        assert np.array_equal(mine, expected)
+
+
+def test_a_plan_that_does_not_reproduce_torch_is_not_used():
+    """Each axis's grouping of plain additions and fused multiply-adds is checked against torch's float sums before
+    a plan is handed out: the wrong grouping for this machine is caught on random data (so a CPU build of torch that
+    sums another way falls back to torch, never to other pixels)."""
+    from stages.decode import exact_resize
+
+    plan = plan_resize((720, 1280), (252, 448))  # 7-12 term windows: both groupings have terms of each kind
+    for axis, n_in, width in ((plan.width, 1280, True), (plan.height, 720, False)):
+        assert exact_resize._checked(axis, n_in, width)
+        for wrong in (axis.sizes, np.ones_like(axis.sizes)):  # all plain, all fused after the first
+            assert not np.array_equal(wrong, axis.plain)
+            assert not exact_resize._checked(replace(axis, plain=wrong), n_in, width)
 
 
 def test_the_exact_path_holds_the_clip_at_its_resized_size(tmp_path):
@@ -54,21 +74,26 @@ def test_the_exact_path_holds_the_clip_at_its_resized_size(tmp_path):
 
 
 def test_worker_decodes_without_the_stage_libraries(tmp_path):
-    """A worker process importing the task module and decoding a video exactly loads neither torchvision nor
-    qwen-vl-utils nor the stage's DuckDB / pyarrow / pydantic (seconds of start-up in every worker)."""
+    """A worker process importing the task module and decoding a video exactly, with the plan the stage made for its
+    sizes, loads neither torch nor torchvision nor qwen-vl-utils nor the stage's DuckDB / pyarrow / pydantic
+    (seconds of start-up in every worker), and gives the frames torch's resize gives."""
     make_clip(tmp_path / "clip.mp4", 1.0, 10, 160, 96)
+    targets = Targets((112, 196), (196, 112))
+    plans = {((96, 160), (112, 196)): plan_resize((96, 160), (112, 196))}
+    task = VideoTask(str(tmp_path / "clip.mp4"), (0, 5, 9), targets, {}, plans=plans)
+    (tmp_path / "task.pickle").write_bytes(pickle.dumps(task))
     script = f"""
-import json, sys
-from stages.decode.video_frames import Targets
-from stages.decode.worker import VideoTask, decode_task
-task = VideoTask({str(tmp_path / "clip.mp4")!r}, (0, 5, 9), Targets((112, 196), (196, 112)), {{}})
-out = decode_task(task)
-heavy = [m for m in ("torchvision", "qwen_vl_utils", "duckdb", "pyarrow", "pydantic") if m in sys.modules]
-print(json.dumps({{"shape": list(out.frames.shape), "heavy": heavy}}))
+import pickle, sys
+from stages.decode.worker import decode_task
+out = decode_task(pickle.loads(open({str(tmp_path / "task.pickle")!r}, "rb").read()))
+heavy = [m for m in ("torch", "torchvision", "qwen_vl_utils", "duckdb", "pyarrow", "pydantic") if m in sys.modules]
+out.frames.tofile({str(tmp_path / "frames.rgb")!r})
+print(heavy)
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result == {"shape": [3, 112, 196, 3], "heavy": []}
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    frames = np.fromfile(tmp_path / "frames.rgb", np.uint8).reshape(3, 112, 196, 3)
+    assert np.array_equal(frames, decode_planned(str(tmp_path / "clip.mp4"), [0, 5, 9], targets))  # by torch
 
 
 def test_a_video_pyav_cannot_read_is_a_decode_error(tmp_path):
@@ -97,13 +122,17 @@ def test_frames_come_back_through_a_spool_file_or_the_pipe_where_it_cannot_be_wr
     assert kept.spool is None and np.array_equal(kept.take_frames(), frames)
 
 
-def test_the_worker_thread_limit_can_be_undone():
-    """The stage process decodes the first videos itself with the workers' thread limit, then gets its own back
-    (else everything it runs after, a benchmark's baseline included, would run on one thread)."""
-    from stages.decode.worker import limit_torch_threads
-
+def test_the_torch_resize_keeps_to_its_threads_and_gives_them_back():
+    """A size pair without a plan is resized by torch on the worker's share of the cores; the process gets its own
+    thread count back after (else the stage process, which decodes the first videos itself, and everything it
+    runs after, a benchmark's baseline included, would run on one thread)."""
     before = torch.get_num_threads()
-    undo = limit_torch_threads(1)
-    assert torch.get_num_threads() == 1
-    undo()
-    assert torch.get_num_threads() == before
+    seen = []
+    resize = QwenResize(threads=1)
+    real = torch.nn.functional.interpolate
+    try:
+        torch.nn.functional.interpolate = lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k)
+        resize(np.zeros((40, 30, 3), np.uint8), (56, 28))
+    finally:
+        torch.nn.functional.interpolate = real
+    assert seen == [1] and torch.get_num_threads() == before
