@@ -14,6 +14,7 @@ which need no torch. A size pair no grouping reproduces is resized by torch (``Q
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -26,7 +27,11 @@ from numba.extending import intrinsic
 
 BLOCK_ROWS = 16  # rows the width pass transposes at a time, so its sums run along contiguous memory (1.9 ms vs
 # 4.2 ms a 640x360 -> 644x364 frame with the sums along each row; 8 rows 2.1 ms, 32 rows 2.0; measured)
-GROUPINGS = (4, 8, 16, 1)  # additions done plainly in groups of this many before the fused rest; 1: all plain
+# How a compiled loop may group a window's additions: vector widths, widest first, each taking whole groups of the
+# terms the ones before it left (a vectorised loop, then a vectorised remainder); the terms left over are fused
+# multiply-adds. (1,): all plain (torch's default build). (4,) is torch 2.14's AVX2 build (measured); the others
+# are the groupings other builds (AVX-512) may use, tried in turn and kept only where they reproduce torch.
+GROUPINGS = ((4,), (1,), (8,), (16,), (8, 4), (16, 8), (16, 4), (16, 8, 4))
 Size = tuple[int, int]  # (height, width)
 
 
@@ -169,13 +174,26 @@ def _checked(plan: AxisPlan, n_in: int, width: bool) -> bool:
     return np.array_equal(mine, _torch_resize(torch.from_numpy(src)[None, None], (n_out, 16))[0, 0].numpy())
 
 
+def plain_terms(sizes: np.ndarray, widths: tuple[int, ...]) -> np.ndarray:
+    """How many of each window's terms are summed plainly (the first product, then the grouped additions)."""
+    plain, left = np.ones_like(sizes), sizes - 1
+    for width in widths:
+        plain, left = plain + left // width * width, left % width
+    return plain
+
+
 @lru_cache(maxsize=256)
 def _axis_plan(n_in: int, n_out: int, width: bool) -> AxisPlan | None:
     starts, sizes, weights = _probe_axis(n_in, n_out)
-    for group in GROUPINGS:
-        plan = AxisPlan(starts, sizes, 1 + (sizes - 1) // group * group, weights)
+    for widths in GROUPINGS:
+        plan = AxisPlan(starts, sizes, plain_terms(sizes, widths), weights)
         if _checked(plan, n_in, width):
             return plan
+    axis = "width" if width else "height"
+    print(
+        f"decode: torch's resize of a {axis} of {n_in} to {n_out} is not reproduced here; torch does it",
+        file=sys.stderr,
+    )
     return None
 
 

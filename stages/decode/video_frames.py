@@ -6,8 +6,8 @@ by swscale: bit for bit, tests/stages/test_video_frames.py), but only the frames
 decoded: a non-reference frame (most H.264/HEVC B-frames) that is not sampled is skipped by the decoder itself
 (``skip_frame``), which no other frame can notice. On x264 clips sampled at 2 fps that is 140 of 300 frames not
 decoded and 0.6x the CLI's time (measured; benchmarks/README.md). The resize is the bicubic with antialias of
-qwen-vl-utils' fetch_video (torchvision's resize, as the torch calls it makes), so the pixels match Qwen's own
-pipeline; ``decode.resize: fast`` lets swscale scale instead (bicubic in RGB, in the same filter graph).
+qwen-vl-utils' fetch_video (torchvision's resize, reproduced bit for bit by exact_resize.py), so the pixels match
+Qwen's own pipeline; ``decode.resize: fast`` lets swscale scale instead (bicubic in RGB, in the same filter graph).
 """
 
 from __future__ import annotations
