@@ -86,8 +86,7 @@ print(json.dumps({**r.metrics(), "seconds": r.seconds}))
 
 def stage_run(root: Path, params_file: Path) -> dict:
     """The decode stage in a fresh interpreter, as DVC and the flows run it (its pool starts cold: the forkserver
-    imports torch for the exact resize each time): its metrics and its own timing (without the interpreter's
-    imports)."""
+    imports the workers' modules each time): its metrics and its own timing (without the interpreter's imports)."""
     cmd = [sys.executable, "-c", STAGE, str(root), str(params_file)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=True).stdout

@@ -1,5 +1,5 @@
 """Qwen's exact resize: torchvision's bicubic with antialias on uint8 frames (what qwen-vl-utils' fetch_video calls),
-bit for bit, in two compiled passes that are 2.3x faster than torch's own kernel (measured; benchmarks/README.md).
+bit for bit, in two compiled passes 2.2x faster than torch's own kernel and its copies (measured; benchmarks/README.md).
 
 What torch computes (its CPU kernel, aten/src/ATen/native/cpu/UpSampleKernel.cpp, and read off it by the probes
 below): the width first, then the height; each output value of a pass is a sum over a window of its input in float32,
