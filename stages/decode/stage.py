@@ -88,9 +88,11 @@ def plan_task(
     threads: int,
     resize: str,
     spool: str | None = None,
+    compiled: bool = True,
 ) -> VideoTask | FrameListTask | DecodeError:
     """What a worker decodes for ``job``: its frames and sizes planned here, or the error that stops the plan.
-    With ``spool`` the worker hands the frames back through that file (see worker.Decoded)."""
+    With ``spool`` the worker hands the frames back through that file (see worker.Decoded); with ``compiled`` the
+    exact resize's plans ride in the task."""
     if job.frame_paths:
         paths = tuple(str(root / p) for p in job.frame_paths)
         return FrameListTask(paths, options.element(), patch_size, spool)
@@ -108,7 +110,7 @@ def plan_task(
         "fps_sampled": plan.fps_sampled,
     }
     targets = Targets((plan.height, plan.width), resize_for(len(plan.indices), job.src_width, job.src_height, options))
-    plans = exact_plans((job.src_height, job.src_width), targets) if resize == "exact" else None
+    plans = exact_plans((job.src_height, job.src_width), targets) if compiled and resize == "exact" else None
     return VideoTask(str(root / job.path), tuple(plan.indices), targets, fields, threads, resize, spool, plans)
 
 
@@ -262,10 +264,15 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
     rejected, frames_total, raw_bytes = [], 0, 0
     with atomic_dir(root / OUT_DIR) as tmp, IndexWriter(tmp) as index:
         spool = tmp / ".spool" if in_local_pool(workers, params.orchestration) else None
+        # No resize plans in Dask's tasks: Dask pickles every task apart (~0.1-0.2 MB of plans each, against ~1 KB);
+        # its workers resize by torch, as before
+        compiled = params.orchestration.task_runner != "dask"
         if spool:
             spool.mkdir()
         tasks = (
-            plan_task(job, options, fam.patch_size, project, threads, resize, spool and str(spool / f"{i}.rgb"))
+            plan_task(
+                job, options, fam.patch_size, project, threads, resize, spool and str(spool / f"{i}.rgb"), compiled
+            )
             for i, job in enumerate(jobs)  # by position: two files of the same content are two jobs of one key
         )
         writer = ShardWriter(tmp, params.decode.shard_target_mb * 1024 * 1024)

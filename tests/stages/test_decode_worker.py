@@ -31,6 +31,7 @@ REPRODUCED = torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT", "NO 
         ((97, 131), (196, 252)),
         ((240, 320), (240, 448)),
         ((480, 270), (476, 280)),
+        ((448, 320), (252, 320)),
     ],
 )
 def test_resize_equals_torchvision_bit_for_bit(size, target):
@@ -68,10 +69,12 @@ def test_a_plan_that_does_not_reproduce_torch_is_not_used(monkeypatch, capsys):
     wrong = tuple(w for w, plain in width_plain.items() if not np.array_equal(plain, plan.width.plain))
     monkeypatch.setattr(exact_resize, "GROUPINGS", wrong)  # only groupings that sum this width another way
     exact_resize._axis_plan.cache_clear()
+    plan_resize.cache_clear()
     try:
         assert plan_resize((720, 1280), (252, 448)) is None
     finally:
         exact_resize._axis_plan.cache_clear()
+        plan_resize.cache_clear()
     assert "not reproduced here; torch does it" in capsys.readouterr().err
 
 
@@ -95,7 +98,10 @@ def test_worker_decodes_without_the_stage_libraries(tmp_path):
     (seconds of start-up in every worker), and gives the frames torch's resize gives."""
     make_clip(tmp_path / "clip.mp4", 1.0, 10, 160, 96)
     targets = Targets((112, 196), (196, 112))
-    plans = {((96, 160), (112, 196)): plan_resize((96, 160), (112, 196))}
+    plan = plan_resize((96, 160), (112, 196))
+    if plan is None:
+        pytest.skip(f"no grouping reproduces torch's {torch.backends.cpu.get_cpu_capability()} build here")
+    plans = {((96, 160), (112, 196)): plan}
     task = VideoTask(str(tmp_path / "clip.mp4"), (0, 5, 9), targets, {}, plans=plans)
     (tmp_path / "task.pickle").write_bytes(pickle.dumps(task))
     script = f"""
@@ -147,8 +153,23 @@ def test_the_torch_resize_keeps_to_its_threads_and_gives_them_back():
     resize = QwenResize(threads=1)
     real = torch.nn.functional.interpolate
     try:
+        torch.set_num_threads(2)
         torch.nn.functional.interpolate = lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k)
         resize(np.zeros((40, 30, 3), np.uint8), (56, 28))
+        assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.nn.functional.interpolate = real
-    assert seen == [1] and torch.get_num_threads() == before
+        torch.set_num_threads(before)
+
+
+def test_frames_of_another_size_than_planned_are_resized_by_torch_and_said(capsys):
+    """A video whose decoded frames are not the size validate probed (no plan for them) still gets torch's
+    pixels, and the worker says once that torch resized them."""
+    plan = plan_resize((96, 160), (112, 196))
+    if plan is None:
+        pytest.skip(f"no grouping reproduces torch's {torch.backends.cpu.get_cpu_capability()} build here")
+    frame = np.random.default_rng(1).integers(0, 256, (90, 160, 3), dtype=np.uint8)
+    mine = QwenResize({((96, 160), (112, 196)): plan})
+    assert np.array_equal(mine(frame, (112, 196)), QwenResize()(frame, (112, 196)))
+    mine(frame, (112, 196))
+    assert capsys.readouterr().err.count("160x90 frames (not the size planned)") == 1
