@@ -41,7 +41,7 @@ def map_chunks(
     modules the local pool's workers need, imported once for all of them (see ``_pool``). ``start_here``: while
     the local pool's workers start, this process runs the first chunks itself (after ``init``; see
     ``_while_workers_start``). A generator: closing it early stops the pool (its running chunks finish first)."""
-    if config.task_runner == "dask":
+    if on_dask(config):
         chunks = list(chunks)
         if chunks:
             from flows.dask_runner import map_on_dask
@@ -55,10 +55,16 @@ def map_chunks(
         yield from _in_process(fn, chunks, init, init_args)
 
 
+def on_dask(config: OrchestrationConfig) -> bool:
+    """Whether ``map_chunks`` hands the chunks to Dask (which pickles each one apart, for workers that may be
+    other machines)."""
+    return config.task_runner == "dask"
+
+
 def in_local_pool(workers: int, config: OrchestrationConfig) -> bool:
     """Whether ``map_chunks`` runs the chunks in worker processes on this machine (not in this process, not on
     Dask): workers that see this process's files."""
-    return config.task_runner != "dask" and workers > 1
+    return not on_dask(config) and workers > 1
 
 
 def _in_process(fn, chunks, init, init_args) -> Iterator:

@@ -24,12 +24,11 @@ from schemas.errors import StageInputError
 from schemas.params import Params
 from schemas.tables import DECODE_REJECTS_SCHEMA, FRAME_INDEX_SCHEMA
 from stages.cpus import available_cpus
-from stages.decode.exact_resize import Size, plan_resize
 from stages.decode.sampling import SamplingOptions, plan_frames, resize_for, video_key
 from stages.decode.shards import INDEX_ARROW, INDEX_FILE, ShardWriter
 from stages.decode.video_frames import DecodeError, Targets, fast_resize_error
 from stages.decode.worker import FrameListTask, VideoTask, decode_task
-from stages.executor import in_local_pool, map_chunks
+from stages.executor import in_local_pool, map_chunks, on_dask
 from stages.families import family
 from stages.io import atomic_dir, relative_to_root, write_json
 
@@ -114,9 +113,11 @@ def plan_task(
     return VideoTask(str(root / job.path), tuple(plan.indices), targets, fields, threads, resize, spool, plans)
 
 
-def exact_plans(shown: Size, targets: Targets) -> dict:
+def exact_plans(shown: tuple[int, int], targets: Targets) -> dict:
     """The exact resize's compiled plans for a video of ``shown`` (height, width) frames, upright or turned a
     quarter (the rotation is known once a frame is decoded); a pair left out is resized by torch in the worker."""
+    from stages.decode.exact_resize import plan_resize  # here: a fast-path run never loads numba's kernels
+
     pairs = {(shown, targets.size), (shown[::-1], targets.rotated_size)}
     return {pair: plan for pair in pairs if pair[0] != pair[1] and (plan := plan_resize(*pair))}
 
@@ -266,7 +267,7 @@ def run(params: Params, root: Path = Path(".")) -> DecodeResult:
         spool = tmp / ".spool" if in_local_pool(workers, params.orchestration) else None
         # No resize plans in Dask's tasks: Dask pickles every task apart (~0.1-0.2 MB of plans each, against ~1 KB);
         # its workers resize by torch, as before
-        compiled = params.orchestration.task_runner != "dask"
+        compiled = not on_dask(params.orchestration)
         if spool:
             spool.mkdir()
         tasks = (

@@ -22,6 +22,14 @@ from tests.stages.test_decode import make_clip
 REPRODUCED = torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT", "NO AVX")
 
 
+def planned(src, dst):
+    """The compiled resize's plan for the pair, or the test skipped where torch's build here is not reproduced."""
+    plan = plan_resize(src, dst)
+    if plan is None:
+        pytest.skip(f"no grouping reproduces torch's {torch.backends.cpu.get_cpu_capability()} build here")
+    return plan
+
+
 @pytest.mark.parametrize(
     "size, target",
     [
@@ -55,9 +63,7 @@ def test_a_plan_that_does_not_reproduce_torch_is_not_used(monkeypatch, capsys):
     build of torch that sums another way) the pair is left to torch, with a message, never given other pixels."""
     from stages.decode import exact_resize
 
-    plan = plan_resize((720, 1280), (252, 448))  # 7-12 term windows: plain and fused terms in both groupings
-    if plan is None:
-        pytest.skip(f"no grouping reproduces torch's {torch.backends.cpu.get_cpu_capability()} build here")
+    plan = planned((720, 1280), (252, 448))  # 7-12 term windows: plain and fused terms in both groupings
     for axis, n_in, width in ((plan.width, 1280, True), (plan.height, 720, False)):
         assert exact_resize._checked(axis, n_in, width)
         others = {tuple(exact_resize.plain_terms(axis.sizes, widths)) for widths in exact_resize.GROUPINGS}
@@ -98,9 +104,7 @@ def test_worker_decodes_without_the_stage_libraries(tmp_path):
     (seconds of start-up in every worker), and gives the frames torch's resize gives."""
     make_clip(tmp_path / "clip.mp4", 1.0, 10, 160, 96)
     targets = Targets((112, 196), (196, 112))
-    plan = plan_resize((96, 160), (112, 196))
-    if plan is None:
-        pytest.skip(f"no grouping reproduces torch's {torch.backends.cpu.get_cpu_capability()} build here")
+    plan = planned((96, 160), (112, 196))
     plans = {((96, 160), (112, 196)): plan}
     task = VideoTask(str(tmp_path / "clip.mp4"), (0, 5, 9), targets, {}, plans=plans)
     (tmp_path / "task.pickle").write_bytes(pickle.dumps(task))
@@ -165,9 +169,7 @@ def test_the_torch_resize_keeps_to_its_threads_and_gives_them_back():
 def test_frames_of_another_size_than_planned_are_resized_by_torch_and_said(capsys):
     """A video whose decoded frames are not the size validate probed (no plan for them) still gets torch's
     pixels, and the worker says once that torch resized them."""
-    plan = plan_resize((96, 160), (112, 196))
-    if plan is None:
-        pytest.skip(f"no grouping reproduces torch's {torch.backends.cpu.get_cpu_capability()} build here")
+    plan = planned((96, 160), (112, 196))
     frame = np.random.default_rng(1).integers(0, 256, (90, 160, 3), dtype=np.uint8)
     mine = QwenResize({((96, 160), (112, 196)): plan})
     assert np.array_equal(mine(frame, (112, 196)), QwenResize()(frame, (112, 196)))
